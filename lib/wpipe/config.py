@@ -1,0 +1,159 @@
+"""The one configuration object of a pipeline, and the one way to merge YAML and overrides.
+
+`PipelineConfig` holds what the runtime needs. Entry points extend it with their own
+fields (a dataclass subclass) and load everything with `load_config(cls, path, overrides)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import schedule
+
+RANK_LAYOUTS = ("pipeline_major", "replica_major")
+BACKENDS = (None, "gloo", "nccl")
+
+
+@dataclass
+class PipelineConfig:
+    method: str = "wpipe"
+    """One of wpipe, pipedream_2bw, pipedream_flush, gpipe, data_parallel."""
+    pipeline_depth: int = 2
+    """N: devices per pipeline replica (1 for data_parallel)."""
+    data_parallel: int = 1
+    """D: pipeline replicas; world size must be N x D."""
+    micro_batches_per_update: int | None = None
+    """The period: micro-batches whose gradients form one update. Default N (1 for
+    data_parallel); wpipe's is always N; pipedream_2bw needs >= N."""
+    rank_layout: str = "pipeline_major"
+    """pipeline_major: rank = replica * N + device (a pipeline stays inside a node);
+    replica_major: rank = device * D + replica (replicas of one device are neighbours)."""
+    backend: str | None = None
+    """torch.distributed backend: nccl with CUDA, gloo without; None picks."""
+    timeout_s: float = 300.0
+    """Seconds a blocking wait (receive, all-reduce) may take before it fails naming who
+    waited for what."""
+    recompute: bool = False
+    """Keep only partition inputs after a forward and recompute the partition's
+    activations at its backward (less memory, one more forward)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def period(self) -> int:
+        """Micro-batches per update, with the method's default filled in."""
+        if self.micro_batches_per_update is None:
+            return schedule.default_period(self.method, self.pipeline_depth)
+        return self.micro_batches_per_update
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline_depth * self.data_parallel
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is expected."""
+        schedule.get_method(self.method)
+        for name in ("pipeline_depth", "data_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.method == "data_parallel" and self.pipeline_depth != 1:
+            raise ValueError(f"pipeline_depth must be 1 for data_parallel (got {self.pipeline_depth}): "
+                             f"set data_parallel to the number of devices instead")
+        schedule.validate(self.method, self.pipeline_depth, self.period, self.micro_batches_per_update)
+        if self.rank_layout not in RANK_LAYOUTS:
+            raise ValueError(f"rank_layout must be one of {', '.join(RANK_LAYOUTS)}, got {self.rank_layout!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be gloo, nccl or null (auto), got {self.backend!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s!r}")
+        if self.method == "pipedream_2bw" and self.period > 4 * self.pipeline_depth:
+            warnings.warn(f"micro_batches_per_update = {self.period} is much larger than "
+                          f"pipeline_depth = {self.pipeline_depth}: updates become rare", stacklevel=3)
+
+    def pipeline_fields(self) -> PipelineConfig:
+        """Just the runtime's part of a larger (subclassed) configuration."""
+        names = [f.name for f in dataclasses.fields(PipelineConfig)]
+        return PipelineConfig(**{name: getattr(self, name) for name in names})
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: dict | None = None):
+    """The only merger of configuration: overrides > YAML file > dataclass defaults.
+
+    `overrides` values may be strings (from a command line); they are converted to the
+    field's type. Unknown keys and values of the wrong type raise ValueError naming the key
+    and where it came from.
+    """
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value at the top level")
+        values.update(_typed(cls, loaded, str(path), from_text=False))
+    values.update(_typed(cls, overrides or {}, "overrides", from_text=True))
+    return cls(**values)
+
+
+def _typed(cls, raw: dict, source: str, from_text: bool) -> dict:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        try:
+            out[key] = _convert(value, hints[key], from_text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: config key {key!r} expects {_type_name(hints[key])}, "
+                             f"got {value!r}") from None
+    return out
+
+
+def _convert(value, hint, from_text: bool):
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None or (from_text and isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+        raise TypeError
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if from_text and isinstance(value, str) and value.lstrip("-").isdigit():
+                return int(value)
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if from_text and isinstance(value, str):
+                return float(value)
+        elif option is str:
+            if isinstance(value, str):
+                return value
+        elif typing.get_origin(option) is list:
+            item = typing.get_args(option)[0]
+            if from_text and isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if isinstance(value, list):
+                return [_convert(v, item, from_text) for v in value]
+    raise TypeError
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,278 @@
+"""Per-device op lists for every method: pure data, no process group, no tensors.
+
+A schedule is `list[list[Op]]`, one list per pipeline device, in the order that device
+runs them. `Op.kind` is "F" (forward), "B" (backward) or "U" (optimizer step of the
+partition's group); `Op.partition` is the global partition index; `Op.micro_batch` is
+None for "U". `str(op)` is the one spelling used everywhere: `2F3` is the forward of
+micro-batch 3 through partition 2, `2U` the update of partition 2.
+
+Methods (see design/wpipe.md sections 2 and 4), N = depth, m = micro-batches per update:
+
+    wpipe            2N partitions, device s holds s and N+s; grouped interleaved order
+    pipedream_2bw    N partitions; 1F1B without flush; every stage one period stale
+    pipedream_flush  N partitions; 1F1B with a flush every period; synchronous
+    gpipe            N partitions; all forwards then all backwards; synchronous
+    data_parallel    1 partition on 1 device; synchronous
+
+`python -m wpipe.schedule --method wpipe --depth 2 --micro-batches 6` prints a schedule.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+KINDS = ("F", "B", "U")
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    partition: int
+    micro_batch: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.partition}{self.kind}" + ("" if self.micro_batch is None else str(self.micro_batch))
+
+
+_OP_RE = re.compile(r"^(\d+)([FBU])(\d*)$")
+
+
+def parse_op(text: str) -> Op:
+    """Inverse of `str(op)`: "2F3" -> Op("F", 2, 3), "2U" -> Op("U", 2)."""
+    match = _OP_RE.match(text.strip())
+    if not match or (match.group(2) == "U") != (match.group(3) == ""):
+        raise ValueError(f"cannot parse op {text!r}: expected e.g. '2F3', '0B1' or '1U'")
+    partition, kind, micro_batch = match.groups()
+    return Op(kind, int(partition), int(micro_batch) if micro_batch else None)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What distinguishes a method: how many partitions, where they live, the op order,
+    and which partitions run one period stale (forward and backward of period t on
+    weights version t-1, the update applied to version t)."""
+    name: str
+    num_partitions: Callable[[int], int]
+    device_of: Callable[[int, int], int]          # (partition, depth) -> device
+    order: Callable[[int, int, int], list[list[Op]]]  # (depth, micro-batches, period)
+    stale: Callable[[int, int], bool]             # (partition, depth) -> one period stale?
+    synchronous: bool
+
+
+def default_period(method: str, depth: int) -> int:
+    """Micro-batches per update when the configuration names none."""
+    return 1 if method == "data_parallel" else depth
+
+
+def build_schedule(method: str, depth: int, num_micro_batches: int,
+                   micro_batches_per_update: int | None = None) -> list[list[Op]]:
+    """One op list per device. `num_micro_batches` must be a whole number of periods."""
+    spec = get_method(method)
+    period = validate(method, depth, num_micro_batches, micro_batches_per_update)
+    return spec.order(depth, num_micro_batches, period)
+
+
+def validate(method: str, depth: int, num_micro_batches: int,
+             micro_batches_per_update: int | None = None) -> int:
+    """Check the arguments of `build_schedule`; return the period (micro-batches per update)."""
+    get_method(method)
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
+    if method == "data_parallel" and depth != 1:
+        raise ValueError(f"depth must be 1 for data_parallel (the whole model on each device), got {depth}")
+    period = default_period(method, depth) if micro_batches_per_update is None else micro_batches_per_update
+    if not isinstance(period, int) or period < 1:
+        raise ValueError(f"micro_batches_per_update must be an integer >= 1, got {period!r}")
+    if method == "wpipe" and period != depth:
+        raise ValueError(f"micro_batches_per_update must equal depth ({depth}) for wpipe "
+                         f"(its period is one micro-batch per device), got {period}")
+    if method == "pipedream_2bw" and period < depth:
+        raise ValueError(f"micro_batches_per_update must be >= depth ({depth}) for pipedream_2bw "
+                         f"(two weight versions suffice only then), got {period}")
+    if not isinstance(num_micro_batches, int) or num_micro_batches < 1 or num_micro_batches % period:
+        raise ValueError(f"num_micro_batches must be a positive multiple of the period "
+                         f"(micro_batches_per_update = {period}), got {num_micro_batches!r}")
+    return period
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# --------------------------------------------------------------------------- orders
+
+def _wpipe(depth: int, num_micro_batches: int, period: int) -> list[list[Op]]:
+    """design/wpipe.md section 2. Forwards come in blocks of N alternating G0, G1; the
+    backward counter starts with a block of G1; device s runs 2N-1-s warm-up forwards,
+    then one forward and one backward in turn, then drains; a group's update follows its
+    N-th backward of a period."""
+    n, total = depth, 2 * num_micro_batches
+
+    def forward(s, f):
+        group = (f // n) % 2
+        return Op("F", s + group * n, (f // (2 * n)) * n + f % n)
+
+    def backward(s, k):
+        group = 1 - (k // n) % 2
+        return Op("B", s + group * n, (k // (2 * n)) * n + k % n)
+
+    schedule = []
+    for s in range(n):
+        ops, f, k = [], 0, 0
+        warmup = min(2 * n - 1 - s, total)
+        for _ in range(warmup):
+            ops.append(forward(s, f))
+            f += 1
+        while k < total:
+            if f < total:
+                ops.append(forward(s, f))
+                f += 1
+            op = backward(s, k)
+            ops.append(op)
+            if k % n == n - 1:
+                ops.append(Op("U", op.partition))
+            k += 1
+        schedule.append(ops)
+    return schedule
+
+
+def _one_f_one_b(depth: int, micro_batches: range, stage: int) -> list[Op]:
+    """1F1B on one stage over the given micro-batches: N-1-s warm-up forwards, then one
+    forward and one backward in turn, then the remaining backwards."""
+    mbs = list(micro_batches)
+    warmup = min(depth - 1 - stage, len(mbs))
+    ops = [Op("F", stage, mb) for mb in mbs[:warmup]]
+    for i, mb in enumerate(mbs):
+        if warmup + i < len(mbs):
+            ops.append(Op("F", stage, mbs[warmup + i]))
+        ops.append(Op("B", stage, mb))
+    return ops
+
+
+def _pipedream_2bw(depth: int, num_micro_batches: int, period: int) -> list[list[Op]]:
+    schedule = []
+    for s in range(depth):
+        ops = []
+        for op in _one_f_one_b(depth, range(num_micro_batches), s):
+            ops.append(op)
+            if op.kind == "B" and op.micro_batch % period == period - 1:
+                ops.append(Op("U", s))
+        schedule.append(ops)
+    return schedule
+
+
+def _pipedream_flush(depth: int, num_micro_batches: int, period: int) -> list[list[Op]]:
+    return [[op for start in range(0, num_micro_batches, period)
+             for op in _one_f_one_b(depth, range(start, start + period), s) + [Op("U", s)]]
+            for s in range(depth)]
+
+
+def _gpipe(depth: int, num_micro_batches: int, period: int) -> list[list[Op]]:
+    return [[op for start in range(0, num_micro_batches, period)
+             for op in [Op("F", s, mb) for mb in range(start, start + period)]
+             + [Op("B", s, mb) for mb in range(start, start + period)] + [Op("U", s)]]
+            for s in range(depth)]
+
+
+METHODS: dict[str, Method] = {
+    "wpipe": Method("wpipe", lambda n: 2 * n, lambda p, n: p % n, _wpipe,
+                    lambda p, n: p < n, synchronous=False),
+    "pipedream_2bw": Method("pipedream_2bw", lambda n: n, lambda p, n: p, _pipedream_2bw,
+                            lambda p, n: True, synchronous=False),
+    "pipedream_flush": Method("pipedream_flush", lambda n: n, lambda p, n: p, _pipedream_flush,
+                              lambda p, n: False, synchronous=True),
+    "gpipe": Method("gpipe", lambda n: n, lambda p, n: p, _gpipe,
+                    lambda p, n: False, synchronous=True),
+    "data_parallel": Method("data_parallel", lambda n: 1, lambda p, n: 0, _pipedream_flush,
+                            lambda p, n: False, synchronous=True),
+}
+
+
+def num_partitions(method: str, depth: int) -> int:
+    return get_method(method).num_partitions(depth)
+
+
+def device_of(method: str, partition: int, depth: int) -> int:
+    """Pipeline device (0..depth-1) that holds `partition`."""
+    return get_method(method).device_of(partition, depth)
+
+
+def weights_version(method: str, partition: int, depth: int, micro_batch: int, period: int) -> int:
+    """The weight version (number of updates applied before it) that the forward and the
+    backward of `micro_batch` use on `partition`: t for synchronous partitions, t-1 for
+    stale ones (clamped at 0), where t = micro_batch // period."""
+    t = micro_batch // period
+    return max(t - 1, 0) if get_method(method).stale(partition, depth) else t
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> None:
+    """Print a method's op grid, the weight versions each partition uses, and its
+    simulated time and memory. Bad arguments exit with status 2 and validate's message."""
+    import argparse
+    from fractions import Fraction
+
+    from .check import format_schedule       # imported here: both modules import this one
+    from .simulate import simulate
+
+    def cost(text: str) -> Fraction:
+        value = Fraction(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"costs must be >= 0, got {text}")
+        return value
+
+    parser = argparse.ArgumentParser(
+        prog="python -m wpipe.schedule", description=main.__doc__,
+        epilog="Costs are per micro-batch through the whole model, split evenly over the "
+               "partitions, so every method is timed on the same work.")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--depth", type=int, required=True,
+                        help="pipeline depth N: devices per pipeline (1 for data_parallel)")
+    parser.add_argument("--micro-batches", type=int, required=True,
+                        help="micro-batches in the run, a whole number of periods")
+    parser.add_argument("--micro-batches-per-update", type=int,
+                        help="the period m (default: depth; wpipe needs depth, pipedream_2bw >= depth)")
+    parser.add_argument("--forward-cost", type=cost, default=Fraction(1),
+                        help="forward time of one micro-batch, any unit, fractions like 1/3 allowed (default 1)")
+    parser.add_argument("--backward-cost", type=cost, default=Fraction(2),
+                        help="backward time of one micro-batch (default 2)")
+    parser.add_argument("--transfer-cost", type=cost, default=Fraction(0),
+                        help="time to move one micro-batch's activations or gradients between two devices (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        period = validate(args.method, args.depth, args.micro_batches, args.micro_batches_per_update)
+    except ValueError as error:
+        parser.error(str(error))
+
+    n = num_partitions(args.method, args.depth)
+    forward, backward = args.forward_cost / n, args.backward_cost / n
+    schedule = build_schedule(args.method, args.depth, args.micro_batches, period)
+    sim = simulate(schedule, args.method, args.depth, args.micro_batches, forward, backward,
+                   args.transfer_cost, micro_batches_per_update=period)
+
+    def show(x) -> str:
+        return str(x.numerator) if x.denominator == 1 else f"{float(x):.4g}"
+
+    print(f"{args.method}: depth {args.depth}, {args.micro_batches} micro-batches, {period} per update, "
+          f"{n} partitions; per partition op: forward {show(forward)}, backward {show(backward)}, "
+          f"transfer {show(args.transfer_cost)}\n")
+    print(format_schedule(schedule) + "\n")
+    print("partition  device  semantics  always newest  versions alive")
+    for p in range(n):
+        part = sim.report.partitions[p]
+        print(f"{p:>9}  {device_of(args.method, p, args.depth):>6}  {part.semantics:<9}  "
+              f"{'yes' if part.always_newest else 'no':<13}  {part.max_versions_alive:>14}")
+    print(f"\nmakespan {show(sim.makespan)}, ideal {show(sim.ideal)} (the busiest device's work), "
+          f"bubble fraction {float(sim.bubble_fraction):.3f}\n")
+    print("device  busy  idle  stash peak [A]  weight copies [W]")
+    for d in range(args.depth):
+        print(f"{d:>6}  {show(sim.busy[d]):>4}  {show(sim.idle[d]):>4}  {show(sim.stash_peak[d]):>14}  "
+              f"{show(sim.weight_copies[d]):>17}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Where things live: rank <-> (replica, device), partition -> device, process groups.
+
+Pure arithmetic in `Topology`; `create_groups` is the only place that makes process
+groups, and every rank calls it with the same arguments so that the groups are created
+in the same order everywhere (torch.distributed requires it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from . import schedule
+from .config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    method: str
+    depth: int              # N
+    data_parallel: int      # D
+    rank_layout: str        # "pipeline_major" or "replica_major"
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> Topology:
+        return cls(cfg.method, cfg.pipeline_depth, cfg.data_parallel, cfg.rank_layout)
+
+    @property
+    def world_size(self) -> int:
+        return self.depth * self.data_parallel
+
+    @property
+    def num_partitions(self) -> int:
+        return schedule.num_partitions(self.method, self.depth)
+
+    def rank_of(self, replica: int, device: int) -> int:
+        if self.rank_layout == "pipeline_major":
+            return replica * self.depth + device
+        return device * self.data_parallel + replica
+
+    def coordinates(self, rank: int) -> tuple[int, int]:
+        """(replica, device) of a global rank."""
+        if self.rank_layout == "pipeline_major":
+            return divmod(rank, self.depth)
+        device, replica = divmod(rank, self.data_parallel)
+        return replica, device
+
+    def device_of(self, partition: int) -> int:
+        return schedule.device_of(self.method, partition, self.depth)
+
+    def partitions_of(self, device: int) -> list[int]:
+        return [p for p in range(self.num_partitions) if self.device_of(p) == device]
+
+    def rank_of_partition(self, partition: int, replica: int) -> int:
+        return self.rank_of(replica, self.device_of(partition))
+
+    def links(self) -> list[tuple[int, int]]:
+        """Every ordered (source device, destination device) pair that carries
+        activations or gradients, in a fixed order (wpipe's wrap-around included)."""
+        pairs = set()
+        for p in range(self.num_partitions - 1):
+            a, b = self.device_of(p), self.device_of(p + 1)
+            if a != b:
+                pairs |= {(a, b), (b, a)}
+        return sorted(pairs)
+
+
+@dataclass
+class Groups:
+    """data_parallel: the group of this rank's device position across replicas (None
+    when D = 1). control[(src, dst)] / data[(src, dst)]: one-way groups between two
+    global ranks, for metadata (always gloo, on CPU) and for tensors (the run's backend)."""
+    data_parallel: object | None
+    control: dict[tuple[int, int], object]
+    data: dict[tuple[int, int], object]
+
+
+def create_groups(topology: Topology, rank: int, backend: str) -> Groups:
+    """Create every group on every rank, in the same order; keep this rank's."""
+    replica, device = topology.coordinates(rank)
+    dp_group = None
+    if topology.data_parallel > 1:
+        for d in range(topology.depth):
+            ranks = [topology.rank_of(r, d) for r in range(topology.data_parallel)]
+            group = dist.new_group(ranks, backend=backend)
+            if d == device:
+                dp_group = group
+    control, data = {}, {}
+    for r in range(topology.data_parallel):
+        for a, b in topology.links():
+            src, dst = topology.rank_of(r, a), topology.rank_of(r, b)
+            # One group per direction: sends and receives between two ranks never queue
+            # behind each other (with NCCL, two ranks sending to each other on one
+            # communicator deadlock).
+            control_group = dist.new_group([src, dst], backend="gloo")
+            data_group = control_group if backend == "gloo" else dist.new_group([src, dst], backend=backend)
+            if rank in (src, dst):
+                control[(src, dst)] = control_group
+                data[(src, dst)] = data_group
+    return Groups(dp_group, control, data)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> str:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Picks nccl with CUDA (and this rank's GPU,
+    LOCAL_RANK), gloo without. Returns the backend."""
+    import os
+    from datetime import timedelta
+
+    import torch
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not set: launch with torchrun "
+                           f"(e.g. torchrun --nproc_per_node=2 script.py)")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend nccl needs CUDA, which is not available here: use gloo")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return backend

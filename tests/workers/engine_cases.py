@@ -1,0 +1,42 @@
+"""Worker (under torchrun): train the toy model under each case, save what came out.
+
+Usage: engine_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:layout:optimizer:periods[:flags]
+flags: 'recompute', 'twice' (train() called twice, periods each).
+Writes OUT_DIR/<case>.rank<r>.pt with the local partitions' state dicts and the losses.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toy  # noqa: E402
+import wpipe  # noqa: E402
+
+
+def run_case(out_dir: str, case: str) -> None:
+    method, depth, dp, layout, optimizer, periods, *flags = case.split(":")
+    cfg = wpipe.PipelineConfig(method=method, pipeline_depth=int(depth), data_parallel=int(dp),
+                               rank_layout=layout, timeout_s=60, recompute="recompute" in flags)
+    num_partitions = wpipe.schedule.num_partitions(method, int(depth))
+    pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions), toy.loss_fn,
+                          toy.OPTIMIZERS[optimizer], cfg)
+    count = int(periods) * cfg.period
+    data = toy.micro_batches(2 * count if "twice" in flags else count, replica=pipe.replica)
+    seen = []
+    losses = pipe.train(data[:count], on_period=lambda t, loss: seen.append((t, loss)))
+    if "twice" in flags:
+        losses += pipe.train(data[count:])
+    result = {"losses": losses, "periods_seen": seen, "replica": pipe.replica,
+              "memory": pipe.memory_report(),
+              "state": {p: {k: v.clone() for k, v in m.state_dict().items()}
+                        for p, m in pipe.local_partitions.items()}}
+    torch.save(result, os.path.join(out_dir, f"{case}.rank{torch.distributed.get_rank()}.pt"))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    wpipe.init_distributed(timeout_s=60)
+    for case in sys.argv[2:]:
+        run_case(sys.argv[1], case)
+    torch.distributed.destroy_process_group()

@@ -148,10 +148,10 @@ class Pipeline:
             return []
         return [float(s) / period for s in self._loss_sum]
 
-    def evaluate(self, micro_batches: Iterable) -> list:
+    def evaluate(self, micro_batches: Iterable) -> list[tuple]:
         """Forward-only pipelined pass on the newest weights, modules in eval mode.
-        Returns the last partition's outputs (detached), one per micro-batch, on the loss
-        rank; [] elsewhere. Any number of micro-batches; the last may be smaller."""
+        Returns (output of the last partition, target) per micro-batch on the loss rank,
+        [] elsewhere. Any number of micro-batches; the last may be smaller."""
         count = self._count(micro_batches)
         period = self.cfg.period
         padded = math.ceil(count / period) * period
@@ -213,9 +213,10 @@ class Pipeline:
         weights = self.versions[p].weights(version)
         rng, saved = None, {}
         if self.cfg.recompute:
+            # Built with autograd (then dropped) so that the outputs say which of them
+            # need gradients; the peak is the same as when it is recomputed.
             rng = self._rng_state()
-            with torch.no_grad():
-                out = self._call(p, weights, inputs)
+            out = self._call(p, weights, inputs)
         else:
             with self._count_saved(p, weights, saved):
                 out = self._call(p, weights, inputs)
@@ -226,6 +227,7 @@ class Pipeline:
             self._loss_sum[mb // self._period] += loss.detach()
         else:
             self._send(("F", p, mb), p + 1, outputs)
+        del out
         nbytes = sum(saved.values()) + _nbytes(inputs)
         self._stash[(p, mb)] = _Stashed(inputs, None if self.cfg.recompute else outputs,
                                         None if self.cfg.recompute else loss, version, rng, nbytes)
@@ -287,10 +289,11 @@ class Pipeline:
 
     def _forward_eval(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
-        inputs = self._inputs(mb, keep_target=False) if p == 0 else self._receive(("F", p - 1, mb), p - 1, op)
+        inputs = self._inputs(mb, keep_target=self.computes_loss) if p == 0 else self._receive(("F", p - 1, mb), p - 1, op)
         out = self._call(p, None, inputs)
         if p == self.last_partition:
-            self._outputs.append(out)
+            self._outputs.append((out, self._fetch(mb)[1]))
+            del self._items[mb]
         else:
             self._send(("F", p, mb), p + 1, out if isinstance(out, tuple) else (out,))
 

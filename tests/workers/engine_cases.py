@@ -1,7 +1,8 @@
 """Worker (under torchrun): train the toy model under each case, save what came out.
 
 Usage: engine_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:layout:optimizer:periods[:flags]
-flags: 'recompute', 'twice' (train() called twice, periods each).
+flags: 'recompute', 'twice' (train() called twice, periods each), 'm<K>' (K micro-batches
+per update).
 Writes OUT_DIR/<case>.rank<r>.pt with the local partitions' state dicts and the losses.
 """
 import os
@@ -16,8 +17,10 @@ import wpipe  # noqa: E402
 
 def run_case(out_dir: str, case: str) -> None:
     method, depth, dp, layout, optimizer, periods, *flags = case.split(":")
+    period = next((int(f[1:]) for f in flags if f.startswith("m")), None)
     cfg = wpipe.PipelineConfig(method=method, pipeline_depth=int(depth), data_parallel=int(dp),
-                               rank_layout=layout, timeout_s=60, recompute="recompute" in flags)
+                               rank_layout=layout, timeout_s=60, recompute="recompute" in flags,
+                               micro_batches_per_update=period)
     num_partitions = wpipe.schedule.num_partitions(method, int(depth))
     pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions), toy.loss_fn,
                           toy.OPTIMIZERS[optimizer], cfg)

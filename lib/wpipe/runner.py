@@ -1,0 +1,297 @@
+"""The run loop shared by the entry points (cv/main.py, nlp/main.py).
+
+An entry point describes its task (model partitions, loss, optimizer, learning-rate
+schedule, data, metrics) as a `Task` and calls `main(ConfigClass, make_task)`, which
+reads top to bottom: configuration -> task (data checked) -> process group -> Pipeline ->
+train (+ evaluation after each epoch) or throughput -> summary.json.
+
+`<output_dir>/summary.json` (written by rank 0, atomically, at the end) holds method,
+pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
+(metrics of the last evaluation), memory (one report per rank), history (per-epoch
+metrics and per-period losses) and the resolved config, which is also written beside it
+as config.yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .config import PipelineConfig, load_config
+from .engine import Pipeline
+from .topology import init_distributed
+
+log = logging.getLogger("wpipe")
+MODES = ("train", "throughput")
+
+
+@dataclass
+class TrainConfig(PipelineConfig):
+    mode: str = "train"
+    """train: epochs with evaluation after each; throughput: timed periods on synthetic data."""
+    output_dir: str = "runs/default"
+    """Where summary.json and config.yaml go (created by rank 0)."""
+    seed: int = 42
+    """Seeds weights (identically on every rank) and data order."""
+    micro_batch_size: int = 32
+    """Samples per micro-batch (what one forward pass takes)."""
+    epochs: int = 1
+    lr: float = 1e-3
+    """Base learning rate of every group's optimizer."""
+    warmup_periods: int = 0
+    """Updates (periods) of linear learning-rate warm-up."""
+    max_periods_per_epoch: int | None = None
+    """Cap on updates per epoch (short runs on CPU); None: the whole training set."""
+    max_eval_batches: int | None = None
+    """Cap on evaluation micro-batches; None: the whole evaluation set."""
+    throughput_periods: int = 20
+    """throughput mode: periods timed after the warm-up."""
+    throughput_warmup_periods: int = 3
+    """Periods excluded from timing (also in train mode's samples_per_second)."""
+    log_every: int = 10
+    """Log a line every this many periods."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("micro_batch_size", "epochs", "throughput_periods", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.throughput_warmup_periods < 0 or self.warmup_periods < 0:
+            raise ValueError("throughput_warmup_periods and warmup_periods must be >= 0")
+
+
+@dataclass
+class Task:
+    """What an entry point supplies. Data functions return sequences (with len) of
+    (inputs, target) micro-batches for one data-parallel replica."""
+    build_partition: Callable[[int], torch.nn.Module]
+    loss_fn: Callable
+    make_optimizer: Callable
+    make_lr_scheduler: Callable          # (optimizer, total_periods) -> LR scheduler
+    train_data: Callable                 # (epoch, replica) -> micro-batches
+    eval_data: Callable                  # (replica) -> {name: micro-batches}, may be empty
+    metrics: Callable                    # (name, logits, labels) -> {metric: value}
+    synthetic_data: Callable             # (count, replica) -> micro-batches, for throughput
+    describe: str = ""                   # one line for the log: model and data
+
+
+def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
+    """`--config PATH` and `--key value` / `--key=value` pairs -> (path, overrides)."""
+    path, overrides, args = None, {}, list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --config FILE and --key value overrides")
+        key, _, value = arg[2:].partition("=")
+        if not _:
+            if not args:
+                raise ValueError(f"--{key} needs a value")
+            value = args.pop(0)
+        key = key.replace("-", "_")
+        if key == "config":
+            path = value
+        else:
+            overrides[key] = value
+    return path, overrides
+
+
+def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> dict | None:
+    """Run an entry point under torchrun. Returns the summary on rank 0."""
+    path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_class, path, overrides)
+    rank = int(os.environ.get("RANK", 0))
+    _setup_logging(rank)
+    torch.manual_seed(cfg.seed)
+    task = make_task(cfg)            # checks data and model settings before any process starts talking
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    backend = init_distributed(cfg.backend, cfg.timeout_s)
+    pipe = Pipeline(task.build_partition, task.loss_fn, task.make_optimizer, cfg.pipeline_fields(),
+                    make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, _total_periods(cfg, task, rank)))
+    log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
+             cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,
+             cfg.micro_batch_size, cfg.period, f"; {task.describe}" if task.describe else "")
+    result = (_throughput if cfg.mode == "throughput" else _train)(cfg, task, pipe)
+    summary = _summarize(cfg, pipe, result)
+    if dist.get_rank() == 0:
+        _write_summary(Path(cfg.output_dir), cfg, summary)
+    dist.destroy_process_group()
+    return summary if rank == 0 else None
+
+
+def _total_periods(cfg, task, rank) -> int:
+    """Updates over the whole run (for learning-rate schedules)."""
+    if cfg.mode == "throughput":
+        return cfg.throughput_periods + cfg.throughput_warmup_periods
+    return cfg.epochs * _periods_per_epoch(cfg, len(task.train_data(0, 0)))
+
+
+def _periods_per_epoch(cfg, num_micro_batches: int) -> int:
+    periods = num_micro_batches // cfg.period
+    if cfg.max_periods_per_epoch is not None:
+        periods = min(periods, cfg.max_periods_per_epoch)
+    if periods < 1:
+        raise ValueError(f"the training set gives {num_micro_batches} micro-batches of "
+                         f"{cfg.micro_batch_size} per replica, fewer than one period of {cfg.period}: "
+                         f"use more data or a smaller micro_batch_size")
+    return periods
+
+
+class _Take:
+    """The first `count` items of an iterable, with a length."""
+
+    def __init__(self, items, count: int):
+        self.items, self.count = items, count
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.items), self.count)
+
+
+class _Meter:
+    """Per-period losses and timing, fed by Pipeline.train's on_period callback."""
+
+    def __init__(self, cfg, pipe, total: int, progress_label: str):
+        self.cfg, self.pipe = cfg, pipe
+        self.losses: list[float] = []
+        self.times: list[float] = []
+        self.start = time.perf_counter()
+        self.bar = None
+        if dist.get_rank() == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=progress_label, unit="update", leave=False)
+
+    def __call__(self, t: int, loss: float | None) -> None:
+        self.times.append(time.perf_counter())
+        if self.bar is not None:
+            self.bar.update(1)
+        if loss is None:
+            return
+        self.losses.append(loss)
+        if len(self.losses) % self.cfg.log_every == 0 or len(self.losses) == 1:
+            lrs = " ".join(f"lr[{p}]={s.get_last_lr()[0]:.3g}" for p, s in sorted(self.pipe.lr_schedulers.items()))
+            rate = self.samples_per_second()
+            log.info("period %d loss %.4f %s%s", len(self.losses), loss, lrs,
+                     f" {rate:.1f} samples/s" if rate else "")
+
+    def samples_per_second(self) -> float | None:
+        """This replica's rate over the periods after the warm-up (None before two of them)."""
+        skip = min(self.cfg.throughput_warmup_periods, max(len(self.times) - 2, 0))
+        times = self.times[skip:]
+        if len(times) < 2:
+            return None
+        return (len(times) - 1) * self.cfg.period * self.cfg.micro_batch_size / (times[-1] - times[0])
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train(cfg, task, pipe) -> dict:
+    history, meter = [], None
+    per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
+    all_losses = []
+    meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
+    for epoch in range(cfg.epochs):
+        data = task.train_data(epoch, pipe.replica)
+        pipe.train(_Take(data, per_epoch * cfg.period), on_period=meter)
+        record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
+        if meter.losses:
+            record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
+        history.append(record)
+        log.info("epoch %d/%d done%s%s", epoch + 1, cfg.epochs,
+                 f", mean loss {record['loss']:.4f}" if "loss" in record else "",
+                 "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
+    meter.close()
+    all_losses = meter.losses
+    return {"history": history, "losses": all_losses, "samples_per_second": meter.samples_per_second(),
+            "eval": history[-1]["eval"] if history else {}}
+
+
+def _evaluate(cfg, task, pipe) -> dict:
+    """Metrics of every evaluation set, gathered from the loss ranks of all replicas."""
+    metrics = {}
+    for name, data in task.eval_data(pipe.replica).items():
+        if cfg.max_eval_batches is not None:
+            data = _Take(data, min(len(data), cfg.max_eval_batches))
+        pairs = pipe.evaluate(data)
+        local = None
+        if pipe.computes_loss:
+            local = (torch.cat([out.float().cpu() for out, _ in pairs]),
+                     torch.cat([target.cpu() for _, target in pairs]))
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        logits = torch.cat([g[0] for g in gathered if g is not None])
+        labels = torch.cat([g[1] for g in gathered if g is not None])
+        prefix = f"{name}_" if name else ""
+        metrics.update({prefix + k: v for k, v in task.metrics(name, logits, labels).items()})
+    return metrics
+
+
+def _throughput(cfg, task, pipe) -> dict:
+    count = (cfg.throughput_periods + cfg.throughput_warmup_periods) * cfg.period
+    meter = _Meter(cfg, pipe, count // cfg.period, "throughput")
+    pipe.train(task.synthetic_data(count, pipe.replica), on_period=meter)
+    meter.close()
+    return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {}}
+
+
+def _summarize(cfg, pipe, result) -> dict:
+    """Gather the loss ranks' figures and every rank's memory report."""
+    mine = {"memory": pipe.memory_report(),
+            "loss_rank": pipe.computes_loss,
+            "losses": result["losses"] if pipe.computes_loss else None,
+            "samples_per_second": result["samples_per_second"] if pipe.computes_loss else None}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    loss_ranks = [g for g in gathered if g["loss_rank"]]
+    rates = [g["samples_per_second"] for g in loss_ranks]
+    losses = loss_ranks[0]["losses"] or []
+    # Replicas differ only in their data: average their per-period losses.
+    if all(len(g["losses"]) == len(losses) for g in loss_ranks):
+        losses = [sum(g["losses"][t] for g in loss_ranks) / len(loss_ranks) for t in range(len(losses))]
+    tail = losses[-10:]
+    return {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
+            "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
+            "mode": cfg.mode,
+            "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
+            "final_loss": sum(tail) / len(tail) if tail else None,
+            "eval": result["eval"], "memory": [g["memory"] for g in gathered],
+            "history": result["history"], "losses": losses,
+            "config": dataclasses.asdict(cfg)}
+
+
+def _write_summary(out_dir: Path, cfg, summary: dict) -> None:
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)),
+                       ("summary.json", json.dumps(summary, indent=2))):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+    log.info("samples/s %s, final loss %s; wrote %s", _fmt(summary["samples_per_second"]),
+             _fmt(summary["final_loss"]), out_dir / "summary.json")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"[rank {rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)

@@ -1,0 +1,197 @@
+"""The distributed engine equals the single-process reference, to float64 round-off.
+
+Each launch runs many cases in one process group (start-up dominates the cost); the
+workers save their partitions' weights, and the test compares every parameter, by name,
+with `wpipe.reference.train` on the same partitions and micro-batches.
+"""
+import glob
+import re
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import toy
+import wpipe
+from launch import ROOT, run_ok, torchrun
+from wpipe import reference
+
+WORKER = ROOT / "tests" / "workers" / "engine_cases.py"
+METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
+
+
+def case(method, depth, dp, optimizer="sgd", layout="pipeline_major", periods=3, flags=()):
+    return ":".join([method, str(depth), str(dp), layout, optimizer, str(periods), *flags])
+
+
+TWO_PROCESSES = (
+    [case(m, 2, 1, opt) for m in METHODS for opt in ("sgd", "adam")]
+    + [case("data_parallel", 1, 2, opt) for opt in ("sgd", "adam")]
+    + [case("wpipe", 1, 2, "adam"),                       # both partitions on one device, and D = 2
+       case("wpipe", 2, 1, flags=("recompute",)),
+       case("pipedream_2bw", 2, 1, flags=("recompute",)),
+       case("wpipe", 2, 1, "adam", periods=2, flags=("twice",)),
+       case("pipedream_2bw", 2, 1, "adam", periods=2, flags=("twice",)),
+       case("pipedream_2bw", 2, 1, flags=("m4",)),
+       case("gpipe", 2, 1, flags=("m3",))]
+)
+FOUR_PROCESSES = (
+    [case(m, 4, 1) for m in METHODS] + [case("wpipe", 4, 1, "adam")]
+    + [case(m, 2, 2, layout=layout) for m in METHODS for layout in ("pipeline_major", "replica_major")]
+    + [case("wpipe", 2, 2, "adam", layout="replica_major")]
+)
+
+
+def reference_result(name):
+    method, depth, dp, layout, optimizer, periods, *flags = name.split(":")
+    depth, dp = int(depth), int(dp)
+    period = next((int(f[1:]) for f in flags if f.startswith("m")), None)
+    cfg = wpipe.PipelineConfig(method=method, pipeline_depth=depth, data_parallel=dp,
+                               micro_batches_per_update=period)
+    count = int(periods) * cfg.period * (2 if "twice" in flags else 1)
+    num_partitions = wpipe.schedule.num_partitions(method, depth)
+    partitions = [toy.build_partition(i, num_partitions) for i in range(num_partitions)]
+    data = [toy.micro_batches(count, replica=r) for r in range(dp)]
+    losses = reference.train(partitions, toy.loss_fn, toy.OPTIMIZERS[optimizer],
+                             data[0] if dp == 1 else data, method, depth,
+                             micro_batches_per_update=period, data_parallel=dp)
+    return partitions, losses, count // cfg.period
+
+
+def assert_matches_reference(out_dir, name):
+    partitions, losses, periods = reference_result(name)
+    results = [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{glob.escape(str(out_dir))}/{name}.rank*.pt"))]
+    assert results, f"no results for {name}"
+    held = set()
+    for result in results:
+        for p, state in result["state"].items():
+            held.add(p)
+            expected = partitions[p].state_dict()
+            for key, value in state.items():
+                diff = (value - expected[key]).abs().max().item()
+                assert diff < 1e-10, f"{name}: partition {p} {key} differs from the reference by {diff:.3g}"
+        assert [t for t, _ in result["periods_seen"]] == list(range(len(result["periods_seen"])))
+    assert held == set(range(len(partitions))), f"{name}: partitions held {sorted(held)}"
+    loss_ranks = [r for r in results if r["losses"]]
+    dp = int(name.split(":")[2])
+    assert len(loss_ranks) == dp
+    mean = [sum(r["losses"][t] for r in loss_ranks) / dp for t in range(periods)]
+    assert mean == pytest.approx(losses, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine2")
+    run_ok(WORKER, 2, [out, *TWO_PROCESSES], timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def four_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine4")
+    run_ok(WORKER, 4, [out, *FOUR_PROCESSES], timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("name", TWO_PROCESSES)
+def test_two_processes_match_reference(two_process_results, name):
+    assert_matches_reference(two_process_results, name)
+
+
+@pytest.mark.parametrize("name", FOUR_PROCESSES)
+def test_four_processes_match_reference(four_process_results, name):
+    assert_matches_reference(four_process_results, name)
+
+
+def test_weight_versions_held(two_process_results):
+    """wpipe holds 1.5 copies of its device's weights, 2bw two, the others one."""
+    def weights(name, rank):
+        memory = torch.load(f"{two_process_results}/{name}.rank{rank}.pt", weights_only=False)["memory"]
+        return memory["weights_bytes"]
+    one_copy = sum(p.numel() * 8 for p in toy.build_partition(0, 4).parameters())  # every block is the same size
+    for rank in (0, 1):
+        assert weights(case("wpipe", 2, 1), rank) == 3 * one_copy           # G0: 2 versions, G1: 1
+        assert weights(case("pipedream_2bw", 2, 1), rank) == 2 * one_copy
+        assert weights(case("pipedream_flush", 2, 1), rank) == one_copy
+        assert weights(case("gpipe", 2, 1), rank) == one_copy
+
+
+def test_stashed_activations(two_process_results):
+    """Peak stash follows the memory model: gpipe m micro-batches per stage, 1F1B N-s, and
+    wpipe 2N-s half-size partitions; recomputation keeps less."""
+    def stash(name, rank):
+        return torch.load(f"{two_process_results}/{name}.rank{rank}.pt", weights_only=False)["memory"]["activations_bytes"]
+    for rank in (0, 1):
+        assert stash(case("wpipe", 2, 1, flags=("recompute",)), rank) < stash(case("wpipe", 2, 1), rank)
+    assert stash(case("pipedream_flush", 2, 1), 0) > stash(case("pipedream_flush", 2, 1), 1)
+    assert stash(case("wpipe", 2, 1), 0) > stash(case("wpipe", 2, 1), 1)
+
+
+# ---------------------------------------------------------------- bad input, in process
+
+@pytest.fixture
+def single_process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_world_size_must_match(single_process_group):
+    cfg = wpipe.PipelineConfig(method="wpipe", pipeline_depth=2)
+    with pytest.raises(ValueError, match=r"world size is 1 but pipeline_depth 2 x data_parallel 1 = 2"):
+        wpipe.Pipeline(lambda i: toy.build_partition(i, 4), toy.loss_fn, toy.OPTIMIZERS["sgd"], cfg)
+
+
+def test_build_partition_must_return_a_module(single_process_group):
+    cfg = wpipe.PipelineConfig(method="gpipe", pipeline_depth=1)
+    with pytest.raises(TypeError, match=r"build_partition\(0\) returned function, expected a torch.nn.Module"):
+        wpipe.Pipeline(lambda i: (lambda x: x), toy.loss_fn, toy.OPTIMIZERS["sgd"], cfg)
+
+
+def test_micro_batches_must_fill_whole_periods(single_process_group):
+    cfg = wpipe.PipelineConfig(method="wpipe", pipeline_depth=1, micro_batches_per_update=None)
+    pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, 2), toy.loss_fn, toy.OPTIMIZERS["sgd"], cfg)
+    cfg2 = wpipe.PipelineConfig(method="gpipe", pipeline_depth=1, micro_batches_per_update=2)
+    pipe2 = wpipe.Pipeline(lambda i: toy.build_partition(i, 1), toy.loss_fn, toy.OPTIMIZERS["sgd"], cfg2)
+    with pytest.raises(ValueError, match=r"num_micro_batches must be a positive multiple of the period "
+                                         r"\(micro_batches_per_update = 2\), got 3"):
+        pipe2.train(toy.micro_batches(3))
+    assert len(pipe.train(toy.micro_batches(2))) == 2
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'wpip': choose one of wpipe, pipedream_2bw"):
+        wpipe.PipelineConfig(method="wpip")
+
+
+def test_failing_stage_is_reported_in_process(single_process_group):
+    """An exception inside a partition names rank, step and op, with the grid."""
+    class Broken(torch.nn.Module):
+        def forward(self, x, scale):
+            raise ValueError("boom")
+    cfg = wpipe.PipelineConfig(method="gpipe", pipeline_depth=1)
+    pipe = wpipe.Pipeline(lambda i: Broken(), toy.loss_fn, lambda p: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), cfg)
+    with pytest.raises(RuntimeError, match=r"(?s)rank 0 \(replica 0, device 0\), step 0, op 0F0: ValueError: boom.*<-- device 0, step 0"):
+        pipe.train(toy.micro_batches(1))
+
+
+# ---------------------------------------------------------------- a rank that stops
+
+FAILING = ROOT / "tests" / "workers" / "failing_rank.py"
+
+
+def test_stuck_rank_times_out_with_a_clear_message():
+    code, out = torchrun(FAILING, 2, ["hang"], timeout=120)
+    assert code != 0
+    assert re.search(r"rank 0, op 1B\d+: waited for the header of the input gradients of op 2B\d+ from rank 1 "
+                     r"and none came within 3 s.*Likely cause: rank 1 stopped", out) or \
+        re.search(r"rank 0, op \d[FB]\d+: waited for .* from rank 1 and none came within 3 s", out), out[-4000:]
+
+
+def test_dead_rank_fails_the_launch():
+    code, out = torchrun(FAILING, 2, ["exit"], timeout=120)
+    assert code != 0, out[-4000:]

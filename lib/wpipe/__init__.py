@@ -1,19 +1,30 @@
 """WPipe: group-based interleaved pipeline parallelism, with its baselines.
 
 Public API (see README):
-    build_schedule, parse_op, Op, check_schedule, format_schedule  -- pure schedules
-    PipelineConfig, load_config                                     -- configuration
-    init_distributed, Pipeline                                      -- the runtime
-    reference                                                       -- the single-process oracle
-"""
-from . import reference
-from .check import ScheduleError, check_schedule, format_schedule
-from .comm import CommError
-from .config import PipelineConfig, load_config
-from .engine import Pipeline
-from .schedule import METHODS, Op, build_schedule, parse_op
-from .topology import init_distributed
+    build_schedule, parse_op, Op, METHODS, check_schedule, format_schedule, simulate
+                                             -- pure schedules (no torch needed)
+    PipelineConfig, load_config              -- configuration
+    init_distributed, Pipeline, CommError    -- the runtime
+    reference                                -- the single-process oracle
 
-__all__ = ["build_schedule", "parse_op", "Op", "METHODS", "check_schedule", "format_schedule",
-           "ScheduleError", "PipelineConfig", "load_config", "init_distributed", "Pipeline",
-           "CommError", "reference"]
+Names are imported on first use, so `python -m wpipe.schedule` and the pure modules do
+not load torch.
+"""
+import importlib
+
+_API = {
+    "build_schedule": "schedule", "parse_op": "schedule", "Op": "schedule", "METHODS": "schedule",
+    "check_schedule": "check", "format_schedule": "check", "ScheduleError": "check",
+    "simulate": "simulate",
+    "PipelineConfig": "config", "load_config": "config",
+    "init_distributed": "topology", "Pipeline": "engine", "CommError": "comm",
+}
+__all__ = [*_API, "reference"]
+
+
+def __getattr__(name):
+    if name == "reference":
+        return importlib.import_module(".reference", __name__)
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'wpipe' has no attribute {name!r}")

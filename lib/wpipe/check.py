@@ -79,7 +79,8 @@ def lockstep(schedule: Schedule, num_partitions: int) -> list[list[int]]:
                      for d, (i, ops) in enumerate(zip(next_index, schedule)) if i < len(ops)]
             d, i = next((d, i) for d, (i, ops) in enumerate(zip(next_index, schedule)) if i < len(ops))
             raise ScheduleError(f"device {d}, step {i}, op {schedule[d][i]}: deadlock at tick {tick}:\n  "
-                                + "\n  ".join(waits) + "\n" + _grid(schedule, _steps(schedule), "step", (d, i)))
+                                + "\n  ".join(waits) + "\n"
+                                + _grid(schedule, _steps(schedule), "step", (d, i)))
         tick += 1
     return ticks
 
@@ -204,6 +205,7 @@ def format_schedule(schedule: Schedule, mark: tuple[int, int] | None = None) -> 
 
 
 def _steps(schedule: Schedule) -> list[list[int]]:
+    """Rows for a grid that needs no replay: step i of every device in row i."""
     return [list(range(len(ops))) for ops in schedule]
 
 

@@ -229,19 +229,23 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m wpipe.schedule", description=main.__doc__,
         epilog="Costs are per micro-batch through the whole model, split evenly over the "
                "partitions, so every method is timed on the same work.")
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
-    parser.add_argument("--depth", type=int, required=True,
+    parser.add_argument("--method", required=True, metavar="METHOD",
+                        help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--depth", type=int, required=True, metavar="N",
                         help="pipeline depth N: devices per pipeline (1 for data_parallel)")
-    parser.add_argument("--micro-batches", type=int, required=True,
+    parser.add_argument("--micro-batches", type=int, required=True, metavar="M",
                         help="micro-batches in the run, a whole number of periods")
-    parser.add_argument("--micro-batches-per-update", type=int,
-                        help="the period m (default: depth; wpipe needs depth, pipedream_2bw >= depth)")
-    parser.add_argument("--forward-cost", type=cost, default=Fraction(1),
-                        help="forward time of one micro-batch, any unit, fractions like 1/3 allowed (default 1)")
-    parser.add_argument("--backward-cost", type=cost, default=Fraction(2),
+    parser.add_argument("--micro-batches-per-update", type=int, metavar="K",
+                        help="the period: micro-batches per update (default N; wpipe needs N, "
+                             "pipedream_2bw >= N)")
+    parser.add_argument("--forward-cost", type=cost, default=Fraction(1), metavar="T",
+                        help="forward time of one micro-batch through the whole model, any unit, "
+                             "fractions like 1/3 allowed (default 1)")
+    parser.add_argument("--backward-cost", type=cost, default=Fraction(2), metavar="T",
                         help="backward time of one micro-batch (default 2)")
-    parser.add_argument("--transfer-cost", type=cost, default=Fraction(0),
-                        help="time to move one micro-batch's activations or gradients between two devices (default 0)")
+    parser.add_argument("--transfer-cost", type=cost, default=Fraction(0), metavar="T",
+                        help="time to move one micro-batch's activations or gradients between "
+                             "two devices (default 0)")
     args = parser.parse_args(argv)
     try:
         period = validate(args.method, args.depth, args.micro_batches, args.micro_batches_per_update)
@@ -257,15 +261,15 @@ def main(argv: list[str] | None = None) -> None:
     def show(x) -> str:
         return str(x.numerator) if x.denominator == 1 else f"{float(x):.4g}"
 
-    print(f"{args.method}: depth {args.depth}, {args.micro_batches} micro-batches, {period} per update, "
-          f"{n} partitions; per partition op: forward {show(forward)}, backward {show(backward)}, "
-          f"transfer {show(args.transfer_cost)}\n")
+    print(f"{args.method}: depth {args.depth}, {args.micro_batches} micro-batches, {period} per "
+          f"update, {n} partitions; per partition op: forward {show(forward)}, backward "
+          f"{show(backward)}, transfer {show(args.transfer_cost)}\n")
     print(format_schedule(schedule) + "\n")
     print("partition  device  semantics  always newest  versions alive")
     for p in range(n):
         part = sim.report.partitions[p]
         print(f"{p:>9}  {device_of(args.method, p, args.depth):>6}  {part.semantics:<9}  "
-              f"{'yes' if part.always_newest else 'no':<13}  {part.max_versions_alive:>14}")
+              f"{'yes' if part.always_newest else 'no':<13}  {part.max_versions_alive}")
     print(f"\nmakespan {show(sim.makespan)}, ideal {show(sim.ideal)} (the busiest device's work), "
           f"bubble fraction {float(sim.bubble_fraction):.3f}\n")
     print("device  busy  idle  stash peak [A]  weight copies [W]")

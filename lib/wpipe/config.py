@@ -74,7 +74,7 @@ class PipelineConfig:
             raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s!r}")
         if self.method == "pipedream_2bw" and self.period > 4 * self.pipeline_depth:
             warnings.warn(f"micro_batches_per_update = {self.period} is much larger than "
-                          f"pipeline_depth = {self.pipeline_depth}: updates become rare", stacklevel=3)
+                          f"pipeline_depth = {self.pipeline_depth}: updates become rare", stacklevel=4)
 
     def pipeline_fields(self) -> PipelineConfig:
         """Just the runtime's part of a larger (subclassed) configuration."""
@@ -156,4 +156,6 @@ def _convert(value, hint, from_text: bool):
 
 
 def _type_name(hint) -> str:
+    if typing.get_args(hint):  # list[int], not list: "expects list, got ['a']" would puzzle
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -2,6 +2,7 @@
 
 Pure: returns index ranges; building the modules happens in the model code (cv/, nlp/).
 """
+import itertools
 
 
 def uniform(num_blocks: int, num_partitions: int) -> list[range]:
@@ -24,7 +25,7 @@ def balanced(weights: list[float], num_partitions: int) -> list[range]:
     """Contiguous cut minimising the heaviest partition's total weight (e.g. parameter counts).
 
     Exact: binary search on the bottleneck over the block weights, greedy feasibility check.
-    Ties are broken towards putting more blocks in later partitions, like `uniform`.
+    Among cuts with the same bottleneck, the greedy fill from the back is taken.
     """
     num_blocks = len(weights)
     if num_partitions < 1:
@@ -35,28 +36,32 @@ def balanced(weights: list[float], num_partitions: int) -> list[range]:
             f"partition needs at least one block (use a deeper model or fewer partitions)")
     if any(w < 0 for w in weights):
         raise ValueError("block weights must be >= 0")
-    candidates = sorted({sum(weights[i:j]) for i in range(num_blocks)
+    # A segment's weight is always a difference of these prefix sums, in the candidates and
+    # in the greedy check alike: float sums depend on the order of the additions, and a
+    # candidate summed one way could fail a check summed the other way.
+    prefix = list(itertools.accumulate(weights, initial=0))
+    candidates = sorted({prefix[j] - prefix[i] for i in range(num_blocks)
                          for j in range(i + 1, num_blocks + 1)})
     lo, hi = 0, len(candidates) - 1
     while lo < hi:  # smallest bottleneck for which a cut exists
         mid = (lo + hi) // 2
-        if _cut_from_back(weights, num_partitions, candidates[mid]) is not None:
+        if _cut_from_back(prefix, num_partitions, candidates[mid]) is not None:
             hi = mid
         else:
             lo = mid + 1
-    return _ranges(_cut_from_back(weights, num_partitions, candidates[lo]))
+    return _ranges(_cut_from_back(prefix, num_partitions, candidates[lo]))
 
 
-def _cut_from_back(weights, num_partitions, limit):
+def _cut_from_back(prefix, num_partitions, limit):
     """Greedy from the last block: fill each partition up to `limit`, keeping one block
-    for every partition still to fill. Returns sizes, or None when `limit` is too small."""
-    sizes, i = [], len(weights)
+    for every partition still to fill. `prefix[i]` is the weight of blocks 0..i-1.
+    Returns sizes, or None when `limit` is too small."""
+    sizes, i = [], len(prefix) - 1
     for left in range(num_partitions, 0, -1):
-        total, size = 0.0, 0
-        while i - size > left - 1 and (size == 0 or total + weights[i - size - 1] <= limit):
-            total += weights[i - size - 1]
+        size = 0
+        while i - size > left - 1 and (size == 0 or prefix[i] - prefix[i - size - 1] <= limit):
             size += 1
-        if total > limit:
+        if prefix[i] - prefix[i - size] > limit:
             return None
         sizes.append(size)
         i -= size

@@ -77,12 +77,12 @@ def validate(method: str, depth: int, num_micro_batches: int,
              micro_batches_per_update: int | None = None) -> int:
     """Check the arguments of `build_schedule`; return the period (micro-batches per update)."""
     get_method(method)
-    if not isinstance(depth, int) or depth < 1:
+    if not _is_int(depth) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
     if method == "data_parallel" and depth != 1:
         raise ValueError(f"depth must be 1 for data_parallel (the whole model on each device), got {depth}")
     period = default_period(method, depth) if micro_batches_per_update is None else micro_batches_per_update
-    if not isinstance(period, int) or period < 1:
+    if not _is_int(period) or period < 1:
         raise ValueError(f"micro_batches_per_update must be an integer >= 1, got {period!r}")
     if method == "wpipe" and period != depth:
         raise ValueError(f"micro_batches_per_update must equal depth ({depth}) for wpipe "
@@ -90,10 +90,14 @@ def validate(method: str, depth: int, num_micro_batches: int,
     if method == "pipedream_2bw" and period < depth:
         raise ValueError(f"micro_batches_per_update must be >= depth ({depth}) for pipedream_2bw "
                          f"(two weight versions suffice only then), got {period}")
-    if not isinstance(num_micro_batches, int) or num_micro_batches < 1 or num_micro_batches % period:
+    if not _is_int(num_micro_batches) or num_micro_batches < 1 or num_micro_batches % period:
         raise ValueError(f"num_micro_batches must be a positive multiple of the period "
                          f"(micro_batches_per_update = {period}), got {num_micro_batches!r}")
     return period
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def get_method(name: str) -> Method:

@@ -33,6 +33,7 @@ TWO_PROCESSES = (
        case("pipedream_2bw", 2, 1, flags=("recompute",)),
        case("wpipe", 2, 1, "adam", periods=2, flags=("twice",)),
        case("pipedream_2bw", 2, 1, "adam", periods=2, flags=("twice",)),
+       case("wpipe", 2, 1, "adam", periods=2, flags=("resume",)),
        case("pipedream_2bw", 2, 1, flags=("m4",)),
        case("gpipe", 2, 1, flags=("m3",))]
 )
@@ -49,7 +50,7 @@ def reference_result(name):
     period = next((int(f[1:]) for f in flags if f.startswith("m")), None)
     cfg = wpipe.PipelineConfig(method=method, pipeline_depth=depth, data_parallel=dp,
                                micro_batches_per_update=period)
-    count = int(periods) * cfg.period * (2 if "twice" in flags else 1)
+    count = int(periods) * cfg.period * (2 if {"twice", "resume"} & set(flags) else 1)
     num_partitions = wpipe.schedule.num_partitions(method, depth)
     partitions = [toy.build_partition(i, num_partitions) for i in range(num_partitions)]
     data = [toy.micro_batches(count, replica=r) for r in range(dp)]

@@ -175,6 +175,27 @@ class Pipeline:
                 module.train(modes[p])
         return self._outputs
 
+    def state_dict(self) -> dict:
+        """This rank's training state between calls of train(): per local partition its
+        weights versions and optimizer (and LR scheduler) state, and the period count.
+        Loading it into a Pipeline built with the same configuration continues the run
+        exactly, stale weight versions included."""
+        return {"periods_done": self._periods_done, "rank": self.rank,
+                "partitions": {p: {**v.state_dict(),
+                                   "lr_scheduler": self.lr_schedulers[p].state_dict() if self.lr_schedulers else None}
+                               for p, v in self.versions.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if sorted(state["partitions"]) != sorted(self.versions):
+            raise ValueError(f"rank {self.rank}: the saved state holds partitions {sorted(state['partitions'])} "
+                             f"(saved by rank {state['rank']}), this rank holds {sorted(self.versions)}: "
+                             f"resume with the same method, pipeline_depth, data_parallel and rank_layout")
+        for p, saved in state["partitions"].items():
+            self.versions[p].load_state_dict(saved)
+            if self.lr_schedulers and saved["lr_scheduler"] is not None:
+                self.lr_schedulers[p].load_state_dict(saved["lr_scheduler"])
+        self._periods_done = state["periods_done"]
+
     def memory_report(self) -> dict:
         """Bytes this rank's runtime held: peak weights incl. versions, peak stashed
         activations (tensors autograd saved plus received inputs), optimizer state, and

@@ -89,6 +89,21 @@ class WeightVersions:
                 self.optimizer.state[fresh[id(p)]] = self.optimizer.state.pop(p)
         return dict(self.module.named_parameters())
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: newest weights (in the module's own
+        state dict, buffers included), older versions still needed, optimizer state."""
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "newest": self.newest,
+                "stash": {v: {name: t.detach().clone() for name, t in w.items()} for v, w in self.stash.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.newest = state["newest"]
+        device = next(self.module.parameters()).device
+        self.stash = {v: {name: t.to(device).requires_grad_() for name, t in w.items()}
+                      for v, w in state["stash"].items()}
+
     def nbytes(self) -> int:
         """Bytes of all versions held now (the module's parameters plus the stash)."""
         seen, total = set(), 0

@@ -1,7 +1,8 @@
 """Worker (under torchrun): train the toy model under each case, save what came out.
 
 Usage: engine_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:layout:optimizer:periods[:flags]
-flags: 'recompute', 'twice' (train() called twice, periods each), 'm<K>' (K micro-batches
+flags: 'recompute', 'twice' (train() called twice, periods each), 'resume' (the second
+call on a new Pipeline loaded with the first one's state_dict), 'm<K>' (K micro-batches
 per update).
 Writes OUT_DIR/<case>.rank<r>.pt with the local partitions' state dicts and the losses.
 """
@@ -25,10 +26,17 @@ def run_case(out_dir: str, case: str) -> None:
     pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions), toy.loss_fn,
                           toy.OPTIMIZERS[optimizer], cfg)
     count = int(periods) * cfg.period
-    data = toy.micro_batches(2 * count if "twice" in flags else count, replica=pipe.replica)
+    twice = "twice" in flags or "resume" in flags
+    data = toy.micro_batches(2 * count if twice else count, replica=pipe.replica)
     seen = []
     losses = pipe.train(data[:count], on_period=lambda t, loss: seen.append((t, loss)))
     if "twice" in flags:
+        losses += pipe.train(data[count:])
+    if "resume" in flags:  # a new Pipeline continues from the first one's state
+        state = pipe.state_dict()
+        pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions, seed=7), toy.loss_fn,
+                              toy.OPTIMIZERS[optimizer], cfg)
+        pipe.load_state_dict(state)
         losses += pipe.train(data[count:])
     result = {"losses": losses, "periods_seen": seen, "replica": pipe.replica,
               "memory": pipe.memory_report(),

@@ -22,9 +22,13 @@ _API = {
 __all__ = [*_API, "reference"]
 
 
+_MODULES = {"schedule", "check", "simulate", "partition", "config", "topology", "comm", "versions",
+            "engine", "reference", "runner"}
+
+
 def __getattr__(name):
-    if name == "reference":
-        return importlib.import_module(".reference", __name__)
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'wpipe' has no attribute {name!r}")

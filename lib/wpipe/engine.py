@@ -221,7 +221,8 @@ class Pipeline:
             try:
                 if op.partition in self._pending and op.kind != "U":
                     self._finish_update(op.partition)
-                handlers[op.kind](i, op)
+                with torch.profiler.record_function(str(op)):
+                    handlers[op.kind](i, op)
             except CommError:
                 raise
             except Exception as error:

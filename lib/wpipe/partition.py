@@ -10,12 +10,7 @@ def uniform(num_blocks: int, num_partitions: int) -> list[range]:
 
     This is the released runtime's rule: 10 blocks into 4 partitions -> sizes 2, 2, 3, 3.
     """
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    if num_blocks < num_partitions:
-        raise ValueError(
-            f"cannot cut {num_blocks} blocks into {num_partitions} partitions: every "
-            f"partition needs at least one block (use a deeper model or fewer partitions)")
+    _check_counts(num_blocks, num_partitions)
     base, extra = divmod(num_blocks, num_partitions)
     sizes = [base + (1 if i >= num_partitions - extra else 0) for i in range(num_partitions)]
     return _ranges(sizes)
@@ -28,12 +23,7 @@ def balanced(weights: list[float], num_partitions: int) -> list[range]:
     Among cuts with the same bottleneck, the greedy fill from the back is taken.
     """
     num_blocks = len(weights)
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    if num_blocks < num_partitions:
-        raise ValueError(
-            f"cannot cut {num_blocks} blocks into {num_partitions} partitions: every "
-            f"partition needs at least one block (use a deeper model or fewer partitions)")
+    _check_counts(num_blocks, num_partitions)
     if any(w < 0 for w in weights):
         raise ValueError("block weights must be >= 0")
     # A segment's weight is always a difference of these prefix sums, in the candidates and
@@ -66,6 +56,15 @@ def _cut_from_back(prefix, num_partitions, limit):
         sizes.append(size)
         i -= size
     return sizes[::-1] if i == 0 else None
+
+
+def _check_counts(num_blocks: int, num_partitions: int) -> None:
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if num_blocks < num_partitions:
+        raise ValueError(
+            f"cannot cut {num_blocks} blocks into {num_partitions} partitions: every "
+            f"partition needs at least one block (use a deeper model or fewer partitions)")
 
 
 def _ranges(sizes: list[int]) -> list[range]:

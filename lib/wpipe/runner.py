@@ -265,13 +265,18 @@ def _summarize(cfg, pipe, result) -> dict:
     if all(len(g["losses"]) == len(losses) for g in loss_ranks):
         losses = [sum(g["losses"][t] for g in loss_ranks) / len(loss_ranks) for t in range(len(losses))]
     tail = losses[-10:]
+    history = result["history"]
+    if history and losses:  # rank 0 writes the summary but may compute no loss: per-epoch means here
+        per_epoch = len(losses) // len(history)
+        history = [{**record, "loss": sum(losses[i * per_epoch:(i + 1) * per_epoch]) / per_epoch}
+                   for i, record in enumerate(history)]
     return {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
             "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
             "mode": cfg.mode,
             "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
-            "history": result["history"], "losses": losses,
+            "history": history, "losses": losses,
             "config": dataclasses.asdict(cfg)}
 
 

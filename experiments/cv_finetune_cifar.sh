@@ -24,22 +24,12 @@
 # Results: $OUT/<dataset>/<method>_<N>x<D>/summary.json ("eval": test_top1; "history": per epoch).
 set -eu
 cd "$(dirname "$0")/.."
-PY=$(sh tool/init.sh | tail -n 1)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
-NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-NPROC_PER_NODE=${NPROC_PER_NODE:-2} CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
+. experiments/common.sh
+CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
 DATASETS=${DATASETS:-cifar10 cifar100} METHODS=${METHODS:-wpipe pipedream_2bw data_parallel}
-WORLD=$((NNODES * NPROC_PER_NODE)) OUT=${OUT:-runs/cv_finetune_cifar}
+OUT=${OUT:-runs/cv_finetune_cifar}
 LAYOUT=${LAYOUT:-2x$((WORLD / 2))}
 
-launch() {  # launch OUTPUT_DIR [--key value ...]: cv/main.py under torchrun
-    out=$1; shift
-    port=${MASTER_PORT:-$([ "$NNODES" = 1 ] && "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' || echo 29500)}
-    echo "== $out" >&2
-    "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$port" cv/main.py --output_dir "$out" "$@"
-}
 
 verify=true
 if [ -n "${DATA_DIR:-}" ]; then
@@ -69,9 +59,8 @@ pretrained=${PRETRAINED:-none}
 
 for dataset in $DATASETS; do
     for method in $METHODS; do
-        depth=${LAYOUT%x*} dp=${LAYOUT#*x}
-        [ "$method" = data_parallel ] && dp=$((depth * dp)) depth=1
-        launch "$OUT/$dataset/${method}_${depth}x${dp}" --config "$CONFIG" --dataset "$dataset" \
+        split_layout "$method" "$LAYOUT"
+        launch cv/main.py "$OUT/$dataset/${method}_${depth}x${dp}" --config "$CONFIG" --dataset "$dataset" \
             --data_dir "$DATA_DIR" --verify_data "$verify" --pretrained "$pretrained" \
             --method "$method" --pipeline_depth "$depth" --data_parallel "$dp" "$@"
     done

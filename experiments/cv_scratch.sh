@@ -16,28 +16,16 @@
 # Results: $OUT/<method>_<N>x<D>/summary.json.
 set -eu
 cd "$(dirname "$0")/.."
-PY=$(sh tool/init.sh | tail -n 1)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
-NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-NPROC_PER_NODE=${NPROC_PER_NODE:-2} CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
+. experiments/common.sh
+CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
 METHODS=${METHODS:-wpipe pipedream_2bw data_parallel} OUT=${OUT:-runs/cv_scratch}
-WORLD=$((NNODES * NPROC_PER_NODE))
 LAYOUT=${LAYOUT:-2x$((WORLD / 2))}
 
-launch() {  # launch OUTPUT_DIR [--key value ...]: cv/main.py under torchrun
-    out=$1; shift
-    port=${MASTER_PORT:-$([ "$NNODES" = 1 ] && "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' || echo 29500)}
-    echo "== $out" >&2
-    "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$port" cv/main.py --output_dir "$out" "$@"
-}
 
 for method in $METHODS; do
-    depth=${LAYOUT%x*} dp=${LAYOUT#*x}
-    [ "$method" = data_parallel ] && dp=$((depth * dp)) depth=1
+    split_layout "$method" "$LAYOUT"
     # An empty DATA_DIR or DATASET leaves the config's value (null data_dir: synthetic images).
-    launch "$OUT/${method}_${depth}x${dp}" --config "$CONFIG" ${DATA_DIR:+--data_dir "$DATA_DIR"} \
+    launch cv/main.py "$OUT/${method}_${depth}x${dp}" --config "$CONFIG" ${DATA_DIR:+--data_dir "$DATA_DIR"} \
         ${DATASET:+--dataset "$DATASET"} --pretrained null --method "$method" \
         --pipeline_depth "$depth" --data_parallel "$dp" "$@"
 done

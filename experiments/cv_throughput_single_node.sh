@@ -20,43 +20,9 @@
 # status is 1 if any failed. Results: $OUT/<config>/<method>_<N>x<D>_mb<size>[_recompute]/summary.json
 set -eu
 cd "$(dirname "$0")/.."
-PY=$(sh tool/init.sh | tail -n 1)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
-NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-NPROC_PER_NODE=${NPROC_PER_NODE:-2} CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
+. experiments/common.sh
+CONFIG=${CONFIG:-network_conf/cv_tiny.yaml}
 LAYOUTS=${LAYOUTS:-2x1} METHODS=${METHODS:-wpipe pipedream_2bw} MICRO_BATCHES=${MICRO_BATCHES:-16}
 RECOMPUTE=${RECOMPUTE:-false} OUT=${OUT:-runs/cv_throughput}
-WORLD=$((NNODES * NPROC_PER_NODE))
 
-launch() {  # launch OUTPUT_DIR [--key value ...]: cv/main.py under torchrun
-    out=$1; shift
-    port=${MASTER_PORT:-$([ "$NNODES" = 1 ] && "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' || echo 29500)}
-    echo "== $out" >&2
-    "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$port" cv/main.py --output_dir "$out" "$@"
-}
-
-failed=0
-for config in $CONFIG; do
-    for layout in $LAYOUTS; do
-        for method in $METHODS; do
-            depth=${layout%x*} dp=${layout#*x}
-            [ "$method" = data_parallel ] && dp=$((depth * dp)) depth=1
-            if [ $((depth * dp)) -ne "$WORLD" ]; then
-                echo "layout $layout needs $((depth * dp)) processes but NNODES x NPROC_PER_NODE = $WORLD: set LAYOUTS or NPROC_PER_NODE" >&2
-                exit 2
-            fi
-            for mbs in $MICRO_BATCHES; do
-                for recompute in $RECOMPUTE; do
-                    suffix=; [ "$recompute" = true ] && suffix=_recompute
-                    out="$OUT/$(basename "$config" .yaml)/${method}_${depth}x${dp}_mb${mbs}$suffix"
-                    launch "$out" --config "$config" --mode throughput --method "$method" \
-                        --pipeline_depth "$depth" --data_parallel "$dp" --micro_batch_size "$mbs" \
-                        --recompute "$recompute" "$@" || { echo "FAILED: $out" >&2; failed=1; }
-                done
-            done
-        done
-    done
-done
-exit $failed
+throughput_sweep cv/main.py "$@"

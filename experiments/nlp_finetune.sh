@@ -25,22 +25,12 @@
 # dev_accuracy and dev_f1 for QQP, dev_matched_accuracy and dev_mismatched_accuracy for MNLI).
 set -eu
 cd "$(dirname "$0")/.."
-PY=$(sh tool/init.sh | tail -n 1)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-
-NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0} MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-NPROC_PER_NODE=${NPROC_PER_NODE:-2} CONFIG=${CONFIG:-network_conf/nlp_finetune_minilm_pairs.yaml}
+. experiments/common.sh
+CONFIG=${CONFIG:-network_conf/nlp_finetune_minilm_pairs.yaml}
 TASK=${TASK:-qqp} METHODS=${METHODS:-wpipe pipedream_2bw data_parallel}
-WORLD=$((NNODES * NPROC_PER_NODE)) OUT=${OUT:-runs/nlp_finetune}
+OUT=${OUT:-runs/nlp_finetune}
 LAYOUT=${LAYOUT:-2x$((WORLD / 2))}
 
-launch() {  # launch OUTPUT_DIR [--key value ...]: nlp/main.py under torchrun
-    out=$1; shift
-    port=${MASTER_PORT:-$([ "$NNODES" = 1 ] && "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' || echo 29500)}
-    echo "== $out" >&2
-    "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
-        --master_addr "$MASTER_ADDR" --master_port "$port" nlp/main.py --output_dir "$out" "$@"
-}
 
 if [ -n "${DATA_DIR:-}" ]; then
     if [ -z "${MODEL:-}" ]; then
@@ -58,9 +48,8 @@ else
 fi
 
 for method in $METHODS; do
-    depth=${LAYOUT%x*} dp=${LAYOUT#*x}
-    [ "$method" = data_parallel ] && dp=$((depth * dp)) depth=1
-    launch "$OUT/$TASK/${method}_${depth}x${dp}" --config "$CONFIG" --task "$TASK" \
+    split_layout "$method" "$LAYOUT"
+    launch nlp/main.py "$OUT/$TASK/${method}_${depth}x${dp}" --config "$CONFIG" --task "$TASK" \
         --data_dir "$DATA_DIR" --model_name_or_path "$MODEL" \
         --method "$method" --pipeline_depth "$depth" --data_parallel "$dp" "$@"
 done

@@ -28,9 +28,6 @@ import argparse
 import json
 import os
 import resource
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,7 @@ from torch import nn
 
 import wpipe
 from wpipe import partition, schedule
+from wpipe.launch import run, torchrun_command
 
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
 MB = 2 ** 20
@@ -152,33 +150,15 @@ def single_worker(args) -> dict:
 
 # ------------------------------------------------------------------ launcher
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, worker: str, nproc: int, out_dir: str) -> list[dict]:
     """Run this file as `worker` in `nproc` processes (torchrun unless single); return
-    each rank's result. Kills the process group it started on timeout or interrupt."""
+    each rank's result. Its processes are killed on timeout or interrupt."""
     script = [str(Path(__file__).resolve()), "--worker", worker, "--result-dir", out_dir,
               *sys.argv[1:]]
-    cmd = ([sys.executable, *script] if worker == "single" else
-           [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=args.timeout)
-    except BaseException as error:  # timeout or Ctrl-C: no orphaned workers
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        if isinstance(error, subprocess.TimeoutExpired):
-            raise RuntimeError(f"{worker} did not finish within --timeout {args.timeout:g} s:\n{out[-6000:]}") from None
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{worker} failed (exit code {proc.returncode}):\n{out[-6000:]}")
+    cmd = [sys.executable, *script] if worker == "single" else torchrun_command(script[0], nproc, script[1:])
+    code, out = run(cmd, args.timeout)
+    if code != 0:
+        raise RuntimeError(f"{worker} failed (exit code {code}):\n{out[-6000:]}")
     return [json.loads(Path(out_dir, f"{worker}.rank{r}.json").read_text()) for r in range(nproc)]
 
 

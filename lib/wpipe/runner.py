@@ -115,11 +115,12 @@ def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = N
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)            # checks data and model settings before any process starts talking
+    total_periods = _total_periods(cfg, task)
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     backend = init_distributed(cfg.backend, cfg.timeout_s)
     pipe = Pipeline(task.build_partition, task.loss_fn, task.make_optimizer, cfg.pipeline_fields(),
-                    make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, _total_periods(cfg, task, rank)))
+                    make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
     log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
              cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,
              cfg.micro_batch_size, cfg.period, f"; {task.describe}" if task.describe else "")
@@ -131,7 +132,7 @@ def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = N
     return summary if rank == 0 else None
 
 
-def _total_periods(cfg, task, rank) -> int:
+def _total_periods(cfg, task) -> int:
     """Updates over the whole run (for learning-rate schedules)."""
     if cfg.mode == "throughput":
         return cfg.throughput_periods + cfg.throughput_warmup_periods
@@ -168,7 +169,7 @@ class _Meter:
     def __init__(self, cfg, pipe, total: int, progress_label: str):
         self.cfg, self.pipe = cfg, pipe
         self.losses: list[float] = []
-        self.times: list[float] = []
+        self.times: list[list[float]] = [[]]   # period end times, one list per train() call
         self.start = time.perf_counter()
         self.bar = None
         if dist.get_rank() == 0 and sys.stderr.isatty():
@@ -176,7 +177,7 @@ class _Meter:
             self.bar = tqdm(total=total, desc=progress_label, unit="update", leave=False)
 
     def __call__(self, t: int, loss: float | None) -> None:
-        self.times.append(time.perf_counter())
+        self.times[-1].append(time.perf_counter())
         if self.bar is not None:
             self.bar.update(1)
         if loss is None:
@@ -188,13 +189,21 @@ class _Meter:
             log.info("period %d loss %.4f %s%s", len(self.losses), loss, lrs,
                      f" {rate:.1f} samples/s" if rate else "")
 
+    def next_call(self) -> None:
+        """Time the next train() call separately (evaluation in between is not training)."""
+        self.times.append([])
+
     def samples_per_second(self) -> float | None:
-        """This replica's rate over the periods after the warm-up (None before two of them)."""
-        skip = min(self.cfg.throughput_warmup_periods, max(len(self.times) - 2, 0))
-        times = self.times[skip:]
-        if len(times) < 2:
+        """This replica's rate over the periods after the warm-up, within train() calls
+        (None before two timed periods)."""
+        first = self.times[0]
+        skip = min(self.cfg.throughput_warmup_periods, max(len(first) - 2, 0))
+        segments = [first[skip:], *self.times[1:]]
+        intervals = sum(max(len(ts) - 1, 0) for ts in segments)
+        seconds = sum(ts[-1] - ts[0] for ts in segments if len(ts) > 1)
+        if intervals == 0:
             return None
-        return (len(times) - 1) * self.cfg.period * self.cfg.micro_batch_size / (times[-1] - times[0])
+        return intervals * self.cfg.period * self.cfg.micro_batch_size / seconds
 
     def close(self):
         if self.bar is not None:
@@ -202,13 +211,13 @@ class _Meter:
 
 
 def _train(cfg, task, pipe) -> dict:
-    history, meter = [], None
+    history = []
     per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
-    all_losses = []
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
     for epoch in range(cfg.epochs):
         data = task.train_data(epoch, pipe.replica)
         pipe.train(_Take(data, per_epoch * cfg.period), on_period=meter)
+        meter.next_call()
         record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
         if meter.losses:
             record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
@@ -217,8 +226,7 @@ def _train(cfg, task, pipe) -> dict:
                  f", mean loss {record['loss']:.4f}" if "loss" in record else "",
                  "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
     meter.close()
-    all_losses = meter.losses
-    return {"history": history, "losses": all_losses, "samples_per_second": meter.samples_per_second(),
+    return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),
             "eval": history[-1]["eval"] if history else {}}
 
 

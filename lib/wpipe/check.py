@@ -147,13 +147,22 @@ def check_schedule(schedule: Schedule, method: str, depth: int, num_micro_batche
     return Report(ticks, reports)
 
 
+def last_uses(ops, partition: int, version_of) -> dict[int, int]:
+    """version -> index (in `ops`) of the last forward or backward of `partition` on it.
+    `version_of(micro_batch)` gives the version a micro-batch runs on."""
+    out = {}
+    for i, op in enumerate(ops):
+        if op.partition == partition and op.kind in ("F", "B"):
+            out[version_of(op.micro_batch)] = i
+    return out
+
+
 def _replay(ops, d, p, method, depth, period, num_micro_batches, fail) -> PartitionReport:
     """Replay one partition's ops on its device: updates, versions used, versions alive."""
     report = PartitionReport()
     newest = 0
     created = {0: -1}                 # version -> op index of the U that made it
     used: dict[int, int] = {}         # micro-batch -> version its forward used
-    last_use: dict[int, int] = {}     # version -> index of the last F/B on it
     backwards_done = [0] * (num_micro_batches // period)
     for i, op in enumerate(ops):
         if op.partition != p:
@@ -182,10 +191,10 @@ def _replay(ops, d, p, method, depth, period, num_micro_batches, fail) -> Partit
                 fail(d, i, f"backward before the forward of micro-batch {op.micro_batch}")
             version = used[op.micro_batch]
             backwards_done[t] += 1
-        last_use[version] = i
     if newest != num_micro_batches // period:
         fail(d, len(ops) - 1, f"partition {p} has {newest} updates, expected "
                               f"{num_micro_batches // period} (one per period)")
+    last_use = last_uses(ops, p, lambda mb: weights_version(method, p, depth, mb, period))
     for i in range(len(ops)):
         current = max(v for v, at in created.items() if at <= i)
         alive = {current} | {v for v, at in created.items() if at <= i and last_use.get(v, -1) > i}

@@ -26,6 +26,7 @@ import torch.distributed as dist
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 KIND_CODES = {"F": 0, "B": 1}
+KINDS = {code: kind for kind, code in KIND_CODES.items()}
 
 
 class CommError(RuntimeError):
@@ -101,7 +102,7 @@ class Links:
         header = torch.empty(4, dtype=torch.int64)
         self._wait(dist.irecv(header, src, group=control), src, wanted, waiter, "header")
         kind, partition, micro_batch, meta_len = header.tolist()
-        key = ({v: k for k, v in KIND_CODES.items()}[kind], partition, micro_batch)
+        key = (KINDS[kind], partition, micro_batch)
         if meta_len:
             meta = torch.empty(meta_len, dtype=torch.int64)
             self._wait(dist.irecv(meta, src, group=control), src, key, waiter, "metadata")

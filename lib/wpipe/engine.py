@@ -26,11 +26,11 @@ from torch import nn
 from torch.func import functional_call
 
 from . import schedule
-from .check import check_schedule, format_schedule
+from .check import check_schedule, format_schedule, last_uses
 from .comm import CommError, Links
 from .config import PipelineConfig
 from .topology import Topology, create_groups
-from .versions import WeightVersions, last_uses
+from .versions import WeightVersions
 
 
 @dataclass

@@ -19,16 +19,6 @@ import torch
 from torch import nn
 
 
-def last_uses(ops, partition: int, version_of) -> dict[int, int]:
-    """version -> index (in `ops`) of the last forward or backward of `partition` on it.
-    `version_of(micro_batch)` gives the version a micro-batch runs on."""
-    out = {}
-    for i, op in enumerate(ops):
-        if op.partition == partition and op.kind in ("F", "B"):
-            out[version_of(op.micro_batch)] = i
-    return out
-
-
 class WeightVersions:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer):
         self.module = module

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 . experiments/common.sh
 
 echo "== the wpipe schedule on 2 devices (4 partitions; a period is 2 micro-batches):"
-"$PY" -m wpipe.schedule --method wpipe --depth 2 --micro-batches 4
+"$PY" -m wpipe --method wpipe --depth 2 --micro-batches 4
 launch nlp/main.py runs/quickstart --config network_conf/quickstart.yaml "$@"

@@ -1,10 +1,16 @@
 """Op lists of every method: literal orders, wpipe's rule for any depth, argument errors,
-op spelling and the command line. Pure: nothing is spawned."""
+op spelling and the command line (`python -m wpipe`). Pure: only the command-line tests
+spawn, to run `python -m wpipe` as a user does."""
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from wpipe.schedule import METHODS, Op, build_schedule, main, parse_op
+import wpipe.schedule
+from wpipe.__main__ import main
+from wpipe.schedule import METHODS, Op, build_schedule, parse_op
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -210,3 +216,47 @@ def test_command_line_rejects(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def run_wpipe(*argv: str) -> tuple[str, set[str]]:
+    """Run `python -X importtime -m wpipe ARGV`; return its stdout and the modules it imported."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "wpipe", *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    return done.stdout, imported
+
+
+def test_python_m_wpipe_prints_the_grid_without_torch():
+    out, imported = run_wpipe("--method", "wpipe", "--depth", "2", "--micro-batches", "6")
+    assert out.startswith("wpipe: depth 2, 6 micro-batches, 2 per update, 4 partitions;")
+    assert "    0 0F0\n    1 0F1    1F0\n    2 2F0    1F1\n" in out
+    assert {"wpipe.schedule", "wpipe.check", "wpipe.simulate"} <= imported
+    assert not {name for name in imported if name.split(".")[0] == "torch"}
+
+
+def test_python_m_wpipe_help_does_not_import_torch():
+    out, imported = run_wpipe("--help")
+    assert out.startswith("usage: python -m wpipe ")
+    assert "wpipe.simulate" in imported         # the import log was read
+    assert not {name for name in imported if name.split(".")[0] == "torch"}
+
+
+def test_schedule_module_imports_no_wpipe_module():
+    """check.py and simulate.py import schedule.py, so schedule.py imports neither of them
+    (nor any other wpipe module, not even inside a function), and has no `__main__` block."""
+    tree = ast.parse(Path(wpipe.schedule.__file__).read_text())
+    imports = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imports.append("." * node.level + (node.module or ""))
+    assert imports and not [name for name in imports
+                            if name.startswith(".") or name.split(".")[0] == "wpipe"], imports
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+             for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert not calls & {"import_module", "__import__"}
+    assert not [node for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and node.value == "__main__"]

@@ -7,7 +7,7 @@ Public API (see README):
     init_distributed, Pipeline, CommError    -- the runtime
     reference                                -- the single-process oracle
 
-Names are imported on first use, so `python -m wpipe.schedule` and the pure modules do
+Names are imported on first use, so `python -m wpipe` and the pure modules do
 not load torch.
 """
 import importlib

@@ -2,22 +2,35 @@
 
 A message is a tuple of tensors (a partition's outputs, or the gradients of its inputs)
 plus a key naming it (`("F", 2, 3)` = the output of partition 2's forward of micro-batch
-3). On the wire, per message and in this order:
+3). The messages of one partition and kind form a *stream* (`("F", 2)`: partition 2's
+outputs, in micro-batch order). Each stream has process groups of its own
+(topology.create_groups), so it is a FIFO that both ends handle in the same order.
+
+A stream's metadata (dtypes, shapes, gradient flags) is sent once and again only when it
+changes (a last, smaller batch). On the wire, per message and in this order:
 
 1. a header, 4 int64 on the control group (gloo, CPU): kind, partition, micro-batch and the
-   length of the metadata that follows (0 when the tensors have the same dtypes, shapes
-   and gradient flags as the previous message on this link: metadata is cached per link
-   and sent again only when it changes, e.g. for a last, smaller batch);
-2. the metadata, when its length is non-zero;
-3. the tensors, on the data group (the run's backend: NCCL tensors live on the GPU).
+   length of the metadata that follows (0: the stream's metadata is unchanged);
+2. when the metadata changed and the receiver already knew an older one: filler tensors of
+   the old shapes (they fill the receives posted ahead, see below), then
+3. the metadata, when its length is non-zero;
+4. the tensors, on the data group (the run's backend: NCCL tensors live on the GPU).
 
-Each direction between two ranks has its own groups (see topology.create_groups), so a
-link is a FIFO: messages arrive in the order they were sent. A receiver that needs a
-later message first keeps the earlier ones until asked for them. Every wait has a
-timeout and fails with `CommError` naming both ranks, the message and the likely cause.
+Receives are posted ahead. The engine tells its links, per call, the keys each stream
+will carry (`Links.expect`; they follow from the schedule). Each incoming stream keeps
+the receives of its next message posted: the header, and the tensors with the stream's
+known metadata, so that a message travels while the receiver still computes, and taking
+it is one wait rather than a header round trip and then a second wait. The sender
+mirrors what the receiver knows, so it sends the filler exactly when the receiver posted
+receives of the old shapes.
+
+Every wait has a timeout and fails with `CommError` naming both ranks, the message and
+the likely cause.
 """
+
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
@@ -52,70 +65,148 @@ def decode_metadata(meta: list[int]) -> list[tuple[torch.dtype, bool, tuple[int,
     return out
 
 
-class Links:
-    """This rank's ends of its point-to-point links."""
+class _Posted:
+    """The receives posted for the next message of one incoming stream."""
 
-    def __init__(self, rank: int, control_groups: dict, data_groups: dict,
-                 device: torch.device, timeout_s: float):
+    def __init__(self, key, header, header_work, tensors, works):
+        self.key, self.header, self.header_work = key, header, header_work
+        self.tensors, self.works = tensors, works     # None when the stream's metadata is unknown
+        self.time = time.perf_counter()                # when they were posted
+
+
+class Links:
+    """This rank's ends of its streams. `streams[(kind, partition)]` = (source rank,
+    destination rank, control group, data group), as in topology.Groups."""
+
+    def __init__(self, rank: int, streams: dict, device: torch.device, timeout_s: float, trace=None):
         self.rank = rank
-        self.control = control_groups     # (src, dst) -> group
-        self.data = data_groups
+        self.streams = streams
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
-        self.sent_metadata: dict[int, list[int]] = {}
-        self.received_metadata: dict[int, list] = {}
+        self.trace = trace
+        self.metadata: dict[tuple, list] = {}            # stream -> metadata both ends know
+        self.expected: dict[tuple, list[tuple]] = {}     # incoming stream -> keys still to come
+        self.posted: dict[tuple, _Posted] = {}           # incoming stream -> receives of its next message
         self.early: dict[tuple, tuple[torch.Tensor, ...]] = {}   # arrived before asked for
         self.in_flight: list[tuple[object, object, str]] = []    # (work, tensors kept alive, what)
 
-    def send(self, dst: int, key: tuple[str, int, int], tensors: tuple[torch.Tensor, ...]) -> None:
-        """Start sending `tensors` (detached, made contiguous) to global rank `dst`."""
-        control, data = self.control[(self.rank, dst)], self.data[(self.rank, dst)]
+    def expect(self, keys: list[tuple]) -> None:
+        """Set the keys this rank will receive in the coming call, each stream's in the
+        order its sender sends them, and post the receives of each stream's first message."""
+        leftover = [s for s, k in self.expected.items() if k] + list(self.posted)
+        if leftover:
+            raise CommError(f"rank {self.rank}: messages of streams {sorted(set(leftover))} were "
+                            f"expected but never received in the last call")
+        self.expected = {}
+        for key in keys:
+            self.expected.setdefault(key[:2], []).append(key)
+        for stream in self.expected:
+            self._post_next(stream)
+
+    def send(self, key: tuple[str, int, int], tensors: tuple[torch.Tensor, ...]) -> None:
+        """Start sending `tensors` (detached, made contiguous) on the stream of `key`."""
+        stream = key[:2]
+        _, dst, control, data = self.streams[stream]
         # The gradient flags tell the receiver which inputs are leaves to differentiate.
         meta = encode_metadata(tensors)
         tensors = tuple(t.detach().contiguous() for t in tensors)
-        changed = self.sent_metadata.get(dst) != meta
+        known = self.metadata.get(stream)
+        changed = known != meta
         header = torch.tensor([KIND_CODES[key[0]], key[1], key[2], len(meta) if changed else 0])
         what = f"{_name(key)} to rank {dst}"
         self.in_flight.append((dist.isend(header, dst, group=control), header, what))
         if changed:
+            if known is not None:   # the receiver posted receives of the old shapes
+                for dtype, _, shape in decode_metadata(known):
+                    filler = torch.empty(shape, dtype=dtype, device=self.device)
+                    self.in_flight.append((dist.isend(filler, dst, group=data), filler, what))
             meta_tensor = torch.tensor(meta)
             self.in_flight.append((dist.isend(meta_tensor, dst, group=control), meta_tensor, what))
-            self.sent_metadata[dst] = meta
+            self.metadata[stream] = meta
         for t in tensors:
             self.in_flight.append((dist.isend(t, dst, group=data), t, what))
         self._reap()
 
-    def recv(self, src: int, key: tuple[str, int, int], waiter: str) -> tuple[torch.Tensor, ...]:
-        """Receive the message `key` from global rank `src`; `waiter` names the op that
-        needs it, for errors. Received floats flagged as needing gradients come back as
-        leaves with requires_grad=True."""
+    def recv(self, key: tuple[str, int, int], waiter: str) -> tuple[torch.Tensor, ...]:
+        """Receive the message `key`; `waiter` names the op that needs it, for errors and
+        the trace. Received floats flagged as needing gradients come back as leaves with
+        requires_grad=True."""
         if key in self.early:
             return self.early.pop(key)
+        if self.trace is None or not self.trace.enabled:
+            return self._recv(key, waiter)
+        posted = self.posted.get(key[:2])
+        args = {"peer": self.streams[key[:2]][0], "op": waiter,
+                "posted_us": round((posted.time - self.trace.origin) * 1e6, 1) if posted else None}
+        with self.trace.span("wait", f"wait recv {_op(key)}", args):
+            tensors = self._recv(key, waiter)
+        args["bytes"] = sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    def arrived(self, key: tuple[str, int, int]) -> bool:
+        """Whether `recv(key)` would return without waiting."""
+        if key in self.early:
+            return True
+        posted = self.posted.get(key[:2])
+        return (posted is not None and posted.key == key and posted.works is not None
+                and posted.header_work.is_completed() and all(w.is_completed() for w in posted.works))
+
+    def _recv(self, key, waiter):
         while True:
-            got, tensors = self._recv_next(src, key, waiter)
+            got, tensors = self._complete(key, waiter)
             if got == key:
                 return tensors
             self.early[got] = tensors
 
-    def _recv_next(self, src, wanted, waiter):
-        control, data = self.control[(src, self.rank)], self.data[(src, self.rank)]
+    def _post_next(self, stream) -> None:
+        """Post the receives of the next message expected on `stream`, if any."""
+        if not self.expected.get(stream):
+            return
+        key = self.expected[stream].pop(0)
+        src, _, control, data = self.streams[stream]
         header = torch.empty(4, dtype=torch.int64)
-        self._wait(dist.irecv(header, src, group=control), src, wanted, waiter, "header")
-        kind, partition, micro_batch, meta_len = header.tolist()
+        header_work = dist.irecv(header, src, group=control)
+        tensors = works = None
+        if stream in self.metadata:
+            tensors, works = self._post_tensors(src, data, decode_metadata(self.metadata[stream]))
+        self.posted[stream] = _Posted(key, header, header_work, tensors, works)
+
+    def _post_tensors(self, src, group, meta):
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, _, shape in meta]
+        return tensors, [dist.irecv(t, src, group=group) for t in tensors]
+
+    def _complete(self, wanted, waiter):
+        """Wait for the next message on the stream of `wanted` (its receives are posted),
+        post the receives of the one after it, and return (key, tensors)."""
+        stream = wanted[:2]
+        posted = self.posted.pop(stream, None)
+        if posted is None:
+            raise CommError(f"rank {self.rank}, op {waiter}: {_name(wanted)} is not among the messages "
+                            f"the schedule says this rank receives in this call")
+        src, _, control, data = self.streams[stream]
+        self._wait(posted.header_work, src, posted.key, waiter, "header")
+        kind, partition, micro_batch, meta_len = posted.header.tolist()
         key = (KINDS[kind], partition, micro_batch)
+        if key != posted.key:
+            raise CommError(f"rank {self.rank}, op {waiter}: rank {src} sent {_name(key)} where the "
+                            f"schedule says {_name(posted.key)} comes next (both ranks must run the "
+                            f"same schedule and wpipe version)")
+        tensors, works = posted.tensors, posted.works
         if meta_len:
+            for work in works or []:   # filler of the old shapes
+                self._wait(work, src, key, waiter, "filler")
             meta = torch.empty(meta_len, dtype=torch.int64)
             self._wait(dist.irecv(meta, src, group=control), src, key, waiter, "metadata")
-            self.received_metadata[src] = decode_metadata(meta.tolist())
-        elif src not in self.received_metadata:
+            self.metadata[stream] = meta.tolist()
+            tensors, works = self._post_tensors(src, data, decode_metadata(self.metadata[stream]))
+        elif works is None:
             raise CommError(f"rank {self.rank}: rank {src} sent {_name(key)} without metadata "
-                            f"on a new link (both ranks must run the same wpipe version)")
-        tensors = []
-        for dtype, requires_grad, shape in self.received_metadata[src]:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
-            self._wait(dist.irecv(t, src, group=data), src, key, waiter, "data")
-            tensors.append(t.requires_grad_() if requires_grad else t)
-        return key, tuple(tensors)
+                            f"on a new stream (both ranks must run the same wpipe version)")
+        for work in works:
+            self._wait(work, src, key, waiter, "data")
+        self._post_next(stream)
+        flags = [requires_grad for _, requires_grad, _ in decode_metadata(self.metadata[stream])]
+        return key, tuple(t.requires_grad_() if flag else t for t, flag in zip(tensors, flags))
 
     def _wait(self, work, src, key, waiter, part):
         try:
@@ -147,3 +238,9 @@ def _name(key) -> str:
     kind, partition, micro_batch = key
     what = "output" if kind == "F" else "input gradients"
     return f"the {what} of op {partition}{kind}{micro_batch}"
+
+
+def _op(key) -> str:
+    """The op whose result a message carries, spelled like `str(Op)`: ("F", 1, 3) -> 1F3."""
+    kind, partition, micro_batch = key
+    return f"{partition}{kind}{micro_batch}"

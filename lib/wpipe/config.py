@@ -40,6 +40,9 @@ class PipelineConfig:
     recompute: bool = False
     """Keep only partition inputs after a forward and recompute the partition's
     activations at its backward (less memory, one more forward)."""
+    trace: bool = False
+    """Record when every op computed and waited (Pipeline.trace_events; the entry points
+    write <output_dir>/trace.json)."""
 
     def __post_init__(self):
         self.validate()

@@ -8,10 +8,14 @@ Every rank builds its own partitions, checks the schedule, then walks its device
 * B: backward from the loss (scaled by 1/m) or from the received output gradients, send
   the input gradients back;
 * U: the group's update: average the period's gradients over the replicas (started
-  asynchronously, finished before the partition's next op) and step its optimizer,
-  making a new weights version (versions.py).
+  asynchronously) and step its optimizer, making a new weights version (versions.py).
+  The step runs when the rank would otherwise wait for a message, or at the latest
+  before the partition's next op: the same arithmetic as at the U's place in the order
+  (nothing touches the partition in between), but off the critical path, where the
+  other devices wait for this one's next op.
 
-Failures are re-raised naming rank, step and op; waits time out (comm.py).
+Failures are re-raised naming rank, step and op; waits time out (comm.py). With
+`cfg.trace`, every op's compute and every wait is recorded (trace.py).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .check import check_schedule, format_schedule, last_uses
 from .comm import CommError, Links
 from .config import PipelineConfig
 from .topology import Topology, create_groups
+from .trace import Recorder, common_origin
 from .versions import WeightVersions
 
 
@@ -90,7 +95,10 @@ class Pipeline:
         groups = create_groups(self.topology, self.rank, backend)
         self.dp_group = groups.data_parallel
         self.dp_ranks = [self.topology.rank_of(r, self.device_index) for r in range(cfg.data_parallel)]
-        self.links = Links(self.rank, groups.control, groups.data, self.device, cfg.timeout_s)
+        self.trace = Recorder(cfg.trace, self.rank)
+        self.links = Links(self.rank, groups.streams, self.device, cfg.timeout_s, self.trace)
+        if cfg.trace:
+            self.trace.set_origin(common_origin())
 
         self.stash_bytes = 0
         self.stash_peak_bytes = 0
@@ -142,10 +150,13 @@ class Pipeline:
         for module in self.local_partitions.values():
             module.train()
 
-        self._run(full, ops, {"F": self._forward, "B": self._backward, "U": self._update})
-        for p in list(self._pending):
-            self._finish_update(p)
-        self.links.finish()
+        self.links.expect(self._incoming(full))
+        with self.trace.span("call", "train", {"micro_batches": count}):
+            self._run(full, ops, {"F": self._forward, "B": self._backward, "U": self._update})
+            for p in list(self._pending):
+                self._finish_update(p)
+            with self.trace.span("wait", "wait sends"):
+                self.links.finish()
         self._periods_done += count // period
         if not self.computes_loss:
             return []
@@ -167,6 +178,7 @@ class Pipeline:
         for module in self.local_partitions.values():
             module.eval()
         try:
+            self.links.expect(self._incoming(full))
             with torch.no_grad():
                 self._run(full, full[self.device_index], {"F": self._forward_eval})
             self.links.finish("end of evaluate")
@@ -214,6 +226,11 @@ class Pipeline:
                 "optimizer_state_bytes": optimizer_bytes,
                 "peak_bytes": peak, "peak_kind": kind}
 
+    def trace_events(self) -> list[dict]:
+        """This rank's recorded events in Chrome trace-event form (trace.py); only the
+        process name when `cfg.trace` is off."""
+        return self.trace.chrome_events(f"rank {self.rank} (replica {self.replica}, device {self.device_index})")
+
     # ------------------------------------------------------------------ the loop
 
     def _run(self, full, ops, handlers) -> None:
@@ -234,6 +251,10 @@ class Pipeline:
     def _forward(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
         inputs = self._inputs(mb, keep_target=self.computes_loss) if p == 0 else self._receive(("F", p - 1, mb), p - 1, op)
+        with self.trace.span("compute", op):
+            self._forward_compute(p, mb, inputs)
+
+    def _forward_compute(self, p, mb, inputs) -> None:
         version = self._version(p, mb)
         weights = self.versions[p].weights(version)
         rng, saved = None, {}
@@ -263,12 +284,17 @@ class Pipeline:
         p, mb = op.partition, op.micro_batch
         entry = self._stash.pop((p, mb))
         outputs, loss = entry.outputs, entry.loss
-        if self.cfg.recompute:
-            outputs, loss = self._recompute(p, mb, entry)
+        if self.cfg.recompute:   # before the gradients are needed: it overlaps their transfer
+            with self.trace.span("compute", f"recompute {op}"):
+                outputs, loss = self._recompute(p, mb, entry)
+        grads = None if p == self.last_partition else self._receive(("B", p + 1, mb), p + 1, op)
+        with self.trace.span("compute", op):
+            self._backward_compute(p, mb, entry, outputs, loss, grads)
+
+    def _backward_compute(self, p, mb, entry, outputs, loss, grads) -> None:
         if p == self.last_partition:
             (loss / self._period).backward()
         else:
-            grads = self._receive(("B", p + 1, mb), p + 1, op)
             roots = [o for o in outputs if o.requires_grad]
             if len(roots) != len(grads):
                 raise RuntimeError(f"partition {p} has {len(roots)} outputs that need gradients "
@@ -286,27 +312,29 @@ class Pipeline:
         grads = self.versions[p].gradients(self._version(p, t * self._period))
         work = flat = None
         if self.dp_group is not None:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
-        self._pending[p] = (work, flat, grads, i, t, str(op))
-        if work is None:
-            self._finish_update(p)
+            with self.trace.span("compute", f"reduce {op}"):
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+        self._pending[p] = (work, flat, grads, i, t, op)
 
     def _finish_update(self, p) -> None:
-        work, flat, grads, index, t, name = self._pending.pop(p)
+        work, flat, grads, index, t, op = self._pending.pop(p)
         if work is not None:
             try:
-                work.wait(self.links.timeout)
+                with self.trace.span("wait", f"wait allreduce {op}"):
+                    work.wait(self.links.timeout)
             except Exception as error:
-                raise CommError(f"rank {self.rank}, op {name}: the data-parallel all-reduce of partition "
+                raise CommError(f"rank {self.rank}, op {op}: the data-parallel all-reduce of partition "
                                 f"{p}'s gradients over ranks {self.dp_ranks} did not complete within "
                                 f"{self.cfg.timeout_s:g} s. Likely cause: one of those ranks stopped; "
                                 f"its own log says why.") from error
-            flat /= self.cfg.data_parallel
-            grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        self.versions[p].update(grads, index)
-        if self.lr_schedulers:
-            self.lr_schedulers[p].step()
+        with self.trace.span("compute", op):
+            if work is not None:
+                flat /= self.cfg.data_parallel
+                grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            self.versions[p].update(grads, index)
+            if self.lr_schedulers:
+                self.lr_schedulers[p].step()
         self._updates_done[t] += 1
         if self._updates_done[t] == len(self.versions) and self._on_period is not None:
             loss = float(self._loss_sum[t]) / self._period if self.computes_loss else None
@@ -371,18 +399,32 @@ class Pipeline:
             return t
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
+    def _incoming(self, full) -> list[tuple]:
+        """The keys of the messages other ranks of this replica send this rank during
+        `full`, each sender's in its order."""
+        keys = []
+        for device, ops in enumerate(full):
+            if device != self.device_index:
+                for op in ops:
+                    to = op.partition + 1 if op.kind == "F" else op.partition - 1
+                    if op.kind != "U" and 0 <= to < self.num_partitions and self.topology.device_of(to) == self.device_index:
+                        keys.append((op.kind, op.partition, op.micro_batch))
+        return keys
+
     def _send(self, key, to_partition: int, tensors: tuple) -> None:
-        dst = self.topology.rank_of_partition(to_partition, self.replica)
-        if dst == self.rank:  # both partitions on this device (wpipe with depth 1)
+        if self.topology.device_of(to_partition) == self.device_index:  # wpipe with depth 1
             self._local[key] = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         else:
-            self.links.send(dst, key, tensors)
+            self.links.send(key, tensors)
 
     def _receive(self, key, from_partition: int, op) -> tuple:
-        src = self.topology.rank_of_partition(from_partition, self.replica)
-        if src == self.rank:
+        if self.topology.device_of(from_partition) == self.device_index:
             return self._local.pop(key)
-        return self.links.recv(src, key, str(op))
+        if self._pending and not self.links.arrived(key):
+            for p, (work, *_) in list(self._pending.items()):   # this rank would wait anyway:
+                if work is None or work.is_completed():           # update meanwhile
+                    self._finish_update(p)
+        return self.links.recv(key, str(op))
 
     def _count(self, micro_batches) -> int:
         try:

@@ -9,7 +9,8 @@ train (+ evaluation after each epoch) or throughput -> summary.json.
 pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
 (metrics of the last evaluation), memory (one report per rank), history (per-epoch
 metrics and per-period losses) and the resolved config, which is also written beside it
-as config.yaml.
+as config.yaml. With `trace: true` it also holds `timeline` (per rank busy_s, wait_s,
+window_s, bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
 from .topology import init_distributed
+from .trace import timeline_summary, write_trace
 
 log = logging.getLogger("wpipe")
 MODES = ("train", "throughput")
@@ -261,6 +263,7 @@ def _throughput(cfg, task, pipe) -> dict:
 def _summarize(cfg, pipe, result) -> dict:
     """Gather the loss ranks' figures and every rank's memory report."""
     mine = {"memory": pipe.memory_report(),
+            "trace": pipe.trace_events() if cfg.trace else None,
             "loss_rank": pipe.computes_loss,
             "losses": result["losses"] if pipe.computes_loss else None,
             "samples_per_second": result["samples_per_second"] if pipe.computes_loss else None}
@@ -278,7 +281,7 @@ def _summarize(cfg, pipe, result) -> dict:
         per_epoch = len(losses) // len(history)
         history = [{**record, "loss": sum(losses[i * per_epoch:(i + 1) * per_epoch]) / per_epoch}
                    for i, record in enumerate(history)]
-    return {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
+    summary = {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
             "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
             "mode": cfg.mode,
             "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
@@ -286,12 +289,19 @@ def _summarize(cfg, pipe, result) -> dict:
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
             "history": history, "losses": losses,
             "config": dataclasses.asdict(cfg)}
+    if cfg.trace:
+        summary["timeline"] = timeline_summary([e for g in gathered for e in g["trace"]])
+        summary["trace"] = [g["trace"] for g in gathered]   # written as trace.json, not in summary.json
+    return summary
 
 
 def _write_summary(out_dir: Path, cfg, summary: dict) -> None:
     import yaml
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    trace = summary.pop("trace", None)
+    if trace is not None:
+        log.info("wrote %s", write_trace(out_dir / "trace.json", trace, cfg))
     for name, text in (("config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)),
                        ("summary.json", json.dumps(summary, indent=2))):
         tmp = out_dir / f".{name}.tmp"

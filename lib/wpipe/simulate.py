@@ -1,10 +1,13 @@
 """Timing and memory of a schedule without running it. Pure.
 
 Each device runs its ops in order. A forward or backward starts when its device is free
-and its dependency (`check.dependency`) has finished, plus `transfer_cost` when that
+and its dependency (`check.dependency`) has finished, plus a transfer cost when that
 dependency ran on another device (wpipe's wrap-around dev(N-1) <-> dev0 included).
-Transfers overlap with compute and never contend. A "U" (optimizer step) starts when its
-device is free.
+Transfers overlap with compute and never contend (sends are asynchronous). A "U"
+(optimizer step) starts when its device is free and its data-parallel all-reduce, started
+when the device reached the U, has finished. With `defer_updates` (what the engine does),
+a device that reaches a U keeps it pending and runs it when it would otherwise wait for a
+message, or at the latest before the partition's next op.
 
 Times are in whatever unit the costs are given in. Integer or `Fraction` costs give exact
 results (`bubble_fraction` a `Fraction`), floats give floats. Memory is counted in units
@@ -44,13 +47,17 @@ class Simulation:
 def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batches: int,
              forward_cost, backward_cost, transfer_cost=0, update_cost=0,
              activation_size=None, weight_size=None,
-             micro_batches_per_update: int | None = None) -> Simulation:
+             micro_batches_per_update: int | None = None, *,
+             backward_transfer_cost=None, allreduce_cost=0, defer_updates: bool = False) -> Simulation:
     """Check `schedule` (raises `check.ScheduleError`), then time it.
 
     Each cost and size is one number for every partition or a list indexed by global
     partition. `forward_cost`, `backward_cost`, `update_cost`: time of one F, B or U op of
-    that partition. `transfer_cost[p]`: time to move partition p's output forward to p+1,
-    or the gradient of that output backward (the last entry is unused).
+    that partition.
+    `transfer_cost[p]`: time to move partition p's output forward to p+1, and the
+    gradient of that output backward unless `backward_transfer_cost[p]` says otherwise
+    (the last entries are unused). `allreduce_cost[p]`: the data-parallel all-reduce of
+    partition p's gradients (0 without data parallelism).
     `activation_size[p]`: what one micro-batch stashes in partition p from the end of its
     forward to the end of its backward, in A (default 1 / partitions). `weight_size[p]`:
     one copy of partition p's weights, in W (default 1 / partitions); a device holds
@@ -60,8 +67,11 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
     n = count_partitions(method, depth)
     forward = _per_partition("forward_cost", forward_cost, n)
     backward = _per_partition("backward_cost", backward_cost, n)
-    transfer = _per_partition("transfer_cost", transfer_cost, n)
+    transfer = {"F": _per_partition("transfer_cost", transfer_cost, n)}
+    transfer["B"] = (transfer["F"] if backward_transfer_cost is None
+                     else _per_partition("backward_transfer_cost", backward_transfer_cost, n))
     update = _per_partition("update_cost", update_cost, n)
+    allreduce = _per_partition("allreduce_cost", allreduce_cost, n)
     activation = _per_partition("activation_size", Fraction(1, n) if activation_size is None
                                 else activation_size, n)
     weight = _per_partition("weight_size", Fraction(1, n) if weight_size is None else weight_size, n)
@@ -71,23 +81,40 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
     end = [[0] * len(ops) for ops in schedule]
     finished: dict[tuple[str, int, int], Time] = {}
     free = [0] * depth
+    pending: list[list[tuple[int, Time]]] = [[] for _ in range(depth)]   # (U index, time reached)
+
+    def run(d, i, earliest):
+        op = schedule[d][i]
+        start[d][i] = max(free[d], earliest)
+        end[d][i] = free[d] = start[d][i] + costs[op.kind][op.partition]
+
+    def run_updates(d, which):
+        for j, reached in [u for u in pending[d] if which(*u)]:
+            pending[d].remove((j, reached))
+            run(d, j, reached + allreduce[schedule[d][j].partition])
+
     # Lockstep ticks order every op after its dependency and after its device's earlier ops.
     order = sorted((tick, d, i) for d, ticks in enumerate(report.ticks) for i, tick in enumerate(ticks))
     for _, d, i in order:
         op = schedule[d][i]
-        ready = free[d]
-        if op.kind != "U":
-            dep = dependency(op, n)
-            if dep is not None:
-                arrival = finished[(dep.kind, dep.partition, dep.micro_batch)]
-                if device_of(method, dep.partition, depth) != d:
-                    arrival += transfer[min(op.partition, dep.partition)]
-                ready = max(ready, arrival)
-        cost = costs[op.kind][op.partition]
-        start[d][i], end[d][i] = ready, ready + cost
-        free[d] = end[d][i]
-        if op.kind != "U":
-            finished[(op.kind, op.partition, op.micro_batch)] = end[d][i]
+        if op.kind == "U":
+            pending[d].append((i, free[d]))
+            if not defer_updates:
+                run_updates(d, lambda j, reached: True)
+            continue
+        run_updates(d, lambda j, reached: schedule[d][j].partition == op.partition)
+        arrival, dep = 0, dependency(op, n)
+        if dep is not None:
+            arrival = finished[(dep.kind, dep.partition, dep.micro_batch)]
+            if device_of(method, dep.partition, depth) != d:
+                arrival += transfer[op.kind][min(op.partition, dep.partition)]
+                if arrival > free[d]:   # it would wait: the updates whose all-reduce is done run first
+                    now = free[d]
+                    run_updates(d, lambda j, reached: reached + allreduce[schedule[d][j].partition] <= now)
+        run(d, i, arrival)
+        finished[(op.kind, op.partition, op.micro_batch)] = end[d][i]
+    for d in range(depth):
+        run_updates(d, lambda j, reached: True)
 
     makespan = max(free)
     busy = [sum(e - s for s, e in zip(starts, ends)) for starts, ends in zip(start, end)]

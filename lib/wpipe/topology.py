@@ -54,25 +54,29 @@ class Topology:
     def rank_of_partition(self, partition: int, replica: int) -> int:
         return self.rank_of(replica, self.device_of(partition))
 
-    def links(self) -> list[tuple[int, int]]:
-        """Every ordered (source device, destination device) pair that carries
-        activations or gradients, in a fixed order (wpipe's wrap-around included)."""
-        pairs = set()
+    def streams(self) -> list[tuple[str, int, int, int]]:
+        """Every message stream between two devices, in a fixed order, as (kind,
+        partition, source device, destination device): ("F", p) carries partition p's
+        outputs to p+1, ("B", p) the gradients of partition p's inputs back to p-1
+        (wpipe's wrap-around included). Streams within one device are not listed."""
+        out = []
         for p in range(self.num_partitions - 1):
             a, b = self.device_of(p), self.device_of(p + 1)
             if a != b:
-                pairs |= {(a, b), (b, a)}
-        return sorted(pairs)
+                out += [("F", p, a, b), ("B", p + 1, b, a)]
+        return out
 
 
 @dataclass
 class Groups:
     """data_parallel: the group of this rank's device position across replicas (None
-    when D = 1). control[(src, dst)] / data[(src, dst)]: one-way groups between two
-    global ranks, for metadata (always gloo, on CPU) and for tensors (the run's backend)."""
+    when D = 1). streams[(kind, partition)] = (source rank, destination rank, control
+    group, data group) for each stream this rank sends or receives: every stream has
+    groups of its own, for headers and metadata (always gloo, on CPU) and for tensors
+    (the run's backend), so that each is one FIFO whose order is the order in which both
+    ends handle its messages."""
     data_parallel: object | None
-    control: dict[tuple[int, int], object]
-    data: dict[tuple[int, int], object]
+    streams: dict[tuple[str, int], tuple[int, int, object, object]]
 
 
 def create_groups(topology: Topology, rank: int, backend: str) -> Groups:
@@ -85,19 +89,18 @@ def create_groups(topology: Topology, rank: int, backend: str) -> Groups:
             group = dist.new_group(ranks, backend=backend)
             if d == device:
                 dp_group = group
-    control, data = {}, {}
+    streams = {}
     for r in range(topology.data_parallel):
-        for a, b in topology.links():
+        for kind, partition, a, b in topology.streams():
             src, dst = topology.rank_of(r, a), topology.rank_of(r, b)
-            # One group per direction: sends and receives between two ranks never queue
-            # behind each other (with NCCL, two ranks sending to each other on one
-            # communicator deadlock).
-            control_group = dist.new_group([src, dst], backend="gloo")
-            data_group = control_group if backend == "gloo" else dist.new_group([src, dst], backend=backend)
+            # Groups of their own: messages of different streams never queue behind each
+            # other (and with NCCL, two ranks sending to each other on one communicator
+            # deadlock).
+            control = dist.new_group([src, dst], backend="gloo")
+            data = control if backend == "gloo" else dist.new_group([src, dst], backend=backend)
             if rank in (src, dst):
-                control[(src, dst)] = control_group
-                data[(src, dst)] = data_group
-    return Groups(dp_group, control, data)
+                streams[(kind, partition)] = (src, dst, control, data)
+    return Groups(dp_group, streams)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> str:

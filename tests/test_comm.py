@@ -1,0 +1,39 @@
+"""Point-to-point streams whose shapes change (comm.py's filler path): training whose
+micro-batch size changes between train() calls, and an evaluation whose sizes change
+from one micro-batch to the next, equal the single-process reference exactly."""
+import glob
+
+import pytest
+import torch
+
+import toy
+from launch import ROOT, run_ok
+from wpipe import reference, schedule
+from workers.comm_cases import EVAL_BATCHES, TRAIN_BATCHES
+
+WORKER = ROOT / "tests" / "workers" / "comm_cases.py"
+
+
+@pytest.mark.parametrize("method", ["wpipe", "pipedream_2bw"])
+def test_changing_shapes_match_reference(tmp_path, method):
+    run_ok(WORKER, 2, [tmp_path, method], timeout=180)
+    n = schedule.num_partitions(method, 2)
+    partitions = [toy.build_partition(i, n) for i in range(n)]
+    period = schedule.default_period(method, 2)
+    data = [mb for call, batch in enumerate(TRAIN_BATCHES)
+            for mb in toy.micro_batches(2 * period, batch=batch, seed=call)]
+    reference.train(partitions, toy.loss_fn, toy.OPTIMIZERS["sgd"], data, method, 2)
+    results = [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{glob.escape(str(tmp_path))}/{method}.rank*.pt"))]
+    for result in results:
+        for p, state in result["state"].items():
+            for key, value in state.items():
+                diff = (value - partitions[p].state_dict()[key]).abs().max().item()
+                assert diff < 1e-10, f"partition {p} {key} differs by {diff:.3g}"
+    (outputs,) = [r["outputs"] for r in results if r["outputs"]]
+    assert [len(o) for o in outputs] == list(EVAL_BATCHES)
+    with torch.no_grad():
+        for i, (batch, got) in enumerate(zip(EVAL_BATCHES, outputs)):
+            x = toy.micro_batches(1, batch=batch, seed=10 + i)[0][0]
+            for module in partitions:
+                x = module(*x) if isinstance(x, tuple) else module(x)
+            assert torch.equal(got, x), f"evaluation micro-batch {i} (size {batch})"

@@ -10,6 +10,19 @@ pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss,
 (metrics of the last evaluation), memory (one report per rank), history (per-epoch
 metrics and per-period losses) and the resolved config, which is also written beside it
 as config.yaml.
+
+Checkpoints (checkpoint.py): training runs in chunks that end at every `checkpoint_every`-th
+update (counted over the whole run) and at epoch ends; after a chunk the runner may write a
+checkpoint, and stops there when a SIGTERM or SIGINT arrived (every rank agrees first), after
+writing one. `--resume` continues from a checkpoint at the exact micro-batch: weights
+(versions included), optimizers, LR schedules, RNG states, losses and history, so the run
+ends as an uninterrupted one with the same settings would, bit for bit on CPU. (The chunks
+follow `checkpoint_every`; with dropout, RNG draws follow the chunks, so compare runs with
+the same checkpoint_every.)
+
+`cli` is what the entry points run: errors of the user's input (configuration, data,
+checkpoints, launch), found before training starts, print one line `error: ...` on rank 0
+and exit with status 2; WPIPE_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,12 +41,15 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
 from .topology import init_distributed
 
 log = logging.getLogger("wpipe")
 MODES = ("train", "throughput")
+INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What setting up a run raises for bad input (bugs there look the same: WPIPE_DEBUG=1)."""
 
 
 @dataclass
@@ -60,6 +77,16 @@ class TrainConfig(PipelineConfig):
     """Periods excluded from timing (also in train mode's samples_per_second)."""
     log_every: int = 10
     """Log a line every this many periods."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many updates (periods) of the run; 0: only at epoch
+    ends (which always get one, the last included)."""
+    checkpoint_dir: str | None = None
+    """Folder of the checkpoints (one sub-folder each); None: <output_dir>/checkpoints."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones are removed once a newer one is complete); 0: all."""
+    resume: str | None = None
+    """auto: the latest complete checkpoint under checkpoint_dir (a fresh start if none);
+    a checkpoint folder (or a checkpoint_dir: its latest); None: start afresh."""
 
     def validate(self) -> None:
         super().validate()
@@ -70,6 +97,17 @@ class TrainConfig(PipelineConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.throughput_warmup_periods < 0 or self.warmup_periods < 0:
             raise ValueError("throughput_warmup_periods and warmup_periods must be >= 0")
+        for name in ("checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_periods_per_epoch is not None and self.max_periods_per_epoch < 1:
+            raise ValueError(f"max_periods_per_epoch must be >= 1 or null, got {self.max_periods_per_epoch}")
+        if self.resume is not None and self.mode != "train":
+            raise ValueError(f"resume applies to mode train, not {self.mode}: drop resume or use mode train")
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir) / "checkpoints"
 
 
 @dataclass
@@ -107,8 +145,33 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
     return path, overrides
 
 
+class Preempted(SystemExit):
+    """Raised after the checkpoint that a SIGTERM or SIGINT asked for (exit status 128 + signal)."""
+
+
+def cli(config_class: type, make_task: Callable) -> None:
+    """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
+    try:
+        run = setup(config_class, make_task)
+    except INPUT_ERRORS as error:
+        if os.environ.get("WPIPE_DEBUG"):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    run()
+
+
 def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> dict | None:
     """Run an entry point under torchrun. Returns the summary on rank 0."""
+    return setup(config_class, make_task, argv)()
+
+
+def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> Callable:
+    """Everything before training, where bad input shows: configuration, task (data checked),
+    the checkpoint to resume from (checked before any process group exists), process group,
+    Pipeline, loaded state. Returns the run (train or throughput, then summary.json), which
+    returns the summary on rank 0. Uses a process group that exists already (and leaves it)."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_class, path, overrides)
     rank = int(os.environ.get("RANK", 0))
@@ -116,20 +179,40 @@ def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = N
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)            # checks data and model settings before any process starts talking
     total_periods = _total_periods(cfg, task)
+    found = checkpoint.find(cfg, rank) if cfg.mode == "train" else None
+    if found and found[1].get("periods_per_epoch") != total_periods // cfg.epochs:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {found[0]} has {found[1].get('periods_per_epoch')} updates per epoch, this run "
+            f"{total_periods // cfg.epochs}: the training data or max_periods_per_epoch changed")
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    owns_group = not dist.is_initialized()
     backend = init_distributed(cfg.backend, cfg.timeout_s)
     pipe = Pipeline(task.build_partition, task.loss_fn, task.make_optimizer, cfg.pipeline_fields(),
                     make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
     log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
              cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,
              cfg.micro_batch_size, cfg.period, f"; {task.describe}" if task.describe else "")
-    result = (_throughput if cfg.mode == "throughput" else _train)(cfg, task, pipe)
-    summary = _summarize(cfg, pipe, result)
-    if dist.get_rank() == 0:
-        _write_summary(Path(cfg.output_dir), cfg, summary)
-    dist.destroy_process_group()
-    return summary if rank == 0 else None
+    resumed = None
+    if found:
+        resumed = checkpoint.load(found[0], dist.get_rank(), pipe.device)
+        pipe.load_state_dict(resumed["pipeline"])
+        log.info("resumed from %s: epoch %d, update %d of the epoch (%d done)", found[0],
+                 resumed["runner"]["epoch"] + 1, resumed["runner"]["period_in_epoch"], found[1]["period"])
+
+    def run() -> dict | None:
+        if cfg.mode == "throughput":
+            result = _throughput(cfg, task, pipe)
+        else:
+            with _Signals() as signals:
+                result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals)
+        summary = _summarize(cfg, pipe, result)
+        if dist.get_rank() == 0:
+            _write_summary(Path(cfg.output_dir), cfg, summary)
+        if owns_group:
+            dist.destroy_process_group()
+        return summary if rank == 0 else None
+    return run
 
 
 def _total_periods(cfg, task) -> int:
@@ -151,7 +234,7 @@ def _periods_per_epoch(cfg, num_micro_batches: int) -> int:
 
 
 class _Take:
-    """The first `count` items of an iterable, with a length."""
+    """The first `count` items of an iterable (an iterator: the next `count`), with a length."""
 
     def __init__(self, items, count: int):
         self.items, self.count = items, count
@@ -210,24 +293,93 @@ class _Meter:
             self.bar.close()
 
 
-def _train(cfg, task, pipe) -> dict:
+class _Signals:
+    """SIGTERM and SIGINT only note that the run should stop (at the next chunk's end)."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _note(self, signum, frame):
+        if self.received:  # a second one: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def agreed(self, device) -> int:
+        """The signal any rank received (0: none): every rank stops after the same chunk."""
+        flag = torch.tensor([int(self.received or 0)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _epoch_items(data, start: int):
+    """An iterator over `data` from micro-batch `start` on (indexed when it can be)."""
+    if start == 0:
+        return iter(data)
+    if hasattr(data, "__getitem__"):
+        return (data[i] for i in range(start, len(data)))
+    return itertools.islice(iter(data), start, None)  # a DataLoader: the skipped ones are loaded
+
+
+def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
     history = []
     per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
-    for epoch in range(cfg.epochs):
+    first_epoch, first_period = 0, 0
+    if resumed:
+        meter.losses, history = list(resumed["losses"]), list(resumed["history"])
+        first_epoch, first_period = resumed["epoch"], resumed["period_in_epoch"]
+    every = cfg.checkpoint_every
+    for epoch in range(first_epoch, cfg.epochs):
         data = task.train_data(epoch, pipe.replica)
-        pipe.train(_Take(data, per_epoch * cfg.period), on_period=meter)
-        meter.next_call()
-        record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
-        if meter.losses:
-            record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
-        history.append(record)
-        log.info("epoch %d/%d done%s%s", epoch + 1, cfg.epochs,
-                 f", mean loss {record['loss']:.4f}" if "loss" in record else "",
-                 "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
+        done = first_period if epoch == first_epoch else 0
+        items = _epoch_items(data, done * cfg.period)
+        while done < per_epoch:
+            run_so_far = epoch * per_epoch + done
+            chunk = min(every - run_so_far % every, per_epoch - done) if every else per_epoch - done
+            pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
+            meter.next_call()
+            done += chunk
+            if done == per_epoch:
+                record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
+                if meter.losses:
+                    record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
+                history.append(record)
+                log.info("epoch %d/%d done%s%s", epoch + 1, cfg.epochs,
+                         f", mean loss {record['loss']:.4f}" if "loss" in record else "",
+                         "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
+            stop = signals.agreed(pipe.device)
+            if stop or done == per_epoch or (every and (run_so_far + chunk) % every == 0):
+                position = (epoch + 1, 0) if done == per_epoch else (epoch, done)
+                folder = _save_checkpoint(cfg, pipe, per_epoch, position, meter.losses, history)
+            if stop:
+                meter.close()
+                log.info("stopped by %s after update %d: checkpoint %s; continue with --resume auto",
+                         signal.Signals(stop).name, run_so_far + chunk, folder)
+                raise Preempted(128 + stop)
     meter.close()
     return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),
             "eval": history[-1]["eval"] if history else {}}
+
+
+def _save_checkpoint(cfg, pipe, per_epoch: int, position: tuple[int, int], losses, history) -> Path:
+    start = time.perf_counter()
+    epoch, period_in_epoch = position
+    period = epoch * per_epoch + period_in_epoch
+    state = {"pipeline": pipe.state_dict(),
+             "runner": {"epoch": epoch, "period_in_epoch": period_in_epoch, "losses": list(losses),
+                        "history": list(history)}}
+    info = {"epoch": epoch, "period_in_epoch": period_in_epoch, "periods_per_epoch": per_epoch}
+    folder = checkpoint.save(cfg.checkpoint_root, period, state, info, cfg, cfg.keep_checkpoints)
+    if dist.get_rank() == 0:
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        log.info("checkpoint %s: %.1f MB in %.2f s", folder, size / 1e6, time.perf_counter() - start)
+    return folder
 
 
 def _evaluate(cfg, task, pipe) -> dict:

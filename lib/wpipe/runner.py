@@ -149,10 +149,10 @@ class Preempted(SystemExit):
     """Raised after the checkpoint that a SIGTERM or SIGINT asked for (exit status 128 + signal)."""
 
 
-def cli(config_class: type, make_task: Callable) -> None:
+def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> None:
     """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
     try:
-        run = setup(config_class, make_task)
+        run = setup(config_class, make_task, argv)
     except INPUT_ERRORS as error:
         if os.environ.get("WPIPE_DEBUG"):
             raise

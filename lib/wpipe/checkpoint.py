@@ -142,7 +142,7 @@ def find(cfg, rank: int) -> tuple[Path, dict] | None:
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        folder = latest(Path(cfg.checkpoint_dir))
+        folder = latest(cfg.checkpoint_root)
         if folder is None:
             return None
     else:

@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -177,6 +179,8 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     task = make_task(cfg)            # checks data and model settings before any process starts talking
     total_periods = _total_periods(cfg, task)
     found = checkpoint.find(cfg, rank) if cfg.mode == "train" else None
@@ -359,8 +363,9 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
                 folder = _save_checkpoint(cfg, pipe, per_epoch, position, meter.losses, history)
             if stop:
                 meter.close()
-                log.info("stopped by %s after update %d: checkpoint %s; continue with --resume auto",
-                         signal.Signals(stop).name, run_so_far + chunk, folder)
+                if dist.get_rank() == 0:
+                    log.info("stopped by %s after update %d: checkpoint %s; continue with --resume auto",
+                             signal.Signals(stop).name, run_so_far + chunk, folder)
                 raise Preempted(128 + stop)
     meter.close()
     return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),

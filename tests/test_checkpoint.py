@@ -95,3 +95,19 @@ def test_checkpoint_folders_and_manifest(runs):
     for entry in manifest["files"]:
         checkpoint.verify_file(root / checkpoint.folder_name(4), entry)
     assert not list(root.glob("*/.*.tmp"))
+
+
+def test_prune_keeps_the_newest_complete_and_any_newer_partial(tmp_path):
+    for n, complete in ((1, True), (2, False), (3, True), (4, True), (5, False)):
+        folder = tmp_path / checkpoint.folder_name(n)
+        folder.mkdir()
+        (folder / checkpoint.rank_file(0)).write_bytes(b"x")
+        if complete:
+            (folder / checkpoint.MANIFEST).write_text("{}")
+    assert checkpoint.latest(tmp_path).name == checkpoint.folder_name(4)
+    checkpoint.prune(tmp_path, keep=2)
+    # 1 is old, 2 an abandoned partial one; 5 may still be being written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.folder_name(n) for n in (3, 4, 5)]
+    checkpoint.prune(tmp_path, keep=0)
+    assert len(list(tmp_path.iterdir())) == 3
+    assert checkpoint.latest(tmp_path / "nowhere") is None

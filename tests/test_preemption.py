@@ -67,4 +67,6 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted, entry):
                              "--resume", "auto"], timeout=180, options=["--max-restarts=1"])
     assert (tmp_path / "marker").exists() and "exitcode: -9" in out
     assert f"resumed from {run / 'checkpoints' / checkpoint.folder_name(2)}" in out
+    # keep_checkpoints 2 (the default): the older ones went once newer ones were complete
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [checkpoint.folder_name(n) for n in (4, 6)]
     assert_same_run(run, uninterrupted(entry))

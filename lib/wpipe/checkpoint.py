@@ -37,7 +37,8 @@ FOLDER = re.compile(r"^period_(\d+)$")
 # Fields a resumed run may change: where things go, how often to save or log, waits.
 # Every other field must equal the checkpoint's (method, layout, model, data, optimizer...).
 FREE_ON_RESUME = {"output_dir", "checkpoint_dir", "resume", "checkpoint_every", "keep_checkpoints",
-                  "log_every", "timeout_s", "num_workers", "backend", "verify_data", "max_eval_batches"}
+                  "log_every", "timeout_s", "num_workers", "backend", "verify_data", "max_eval_batches",
+                  "on_nonfinite"}
 
 
 class CheckpointError(ValueError):

@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, nonfinite
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
 from .topology import init_distributed
@@ -89,6 +90,9 @@ class TrainConfig(PipelineConfig):
     resume: str | None = None
     """auto: the latest complete checkpoint under checkpoint_dir (a fresh start if none);
     a checkpoint folder (or a checkpoint_dir: its latest); None: start afresh."""
+    on_nonfinite: str = "stop"
+    """A NaN or Inf loss or gradient: stop (naming update, partition, micro-batch) or skip
+    that update on every partition (summary.json skipped_updates lists them, from 1)."""
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +108,8 @@ class TrainConfig(PipelineConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_periods_per_epoch is not None and self.max_periods_per_epoch < 1:
             raise ValueError(f"max_periods_per_epoch must be >= 1 or null, got {self.max_periods_per_epoch}")
+        if self.on_nonfinite not in nonfinite.MODES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(nonfinite.MODES)}, got {self.on_nonfinite!r}")
         if self.resume is not None and self.mode != "train":
             raise ValueError(f"resume applies to mode train, not {self.mode}: drop resume or use mode train")
 
@@ -151,6 +157,10 @@ class Preempted(SystemExit):
     """Raised after the checkpoint that a SIGTERM or SIGINT asked for (exit status 128 + signal)."""
 
 
+class NonFiniteStop(SystemExit):
+    """Raised (exit status 3) after a non-finite loss or gradient with on_nonfinite stop."""
+
+
 def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> None:
     """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
     try:
@@ -192,8 +202,10 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     owns_group = not dist.is_initialized()
     backend = init_distributed(cfg.backend, cfg.timeout_s)
-    pipe = Pipeline(task.build_partition, task.loss_fn, task.make_optimizer, cfg.pipeline_fields(),
-                    make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
+    guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
+    pipe = Pipeline(task.build_partition, guard.loss_fn(task.loss_fn), guard.make_optimizer(task.make_optimizer),
+                    cfg.pipeline_fields(), make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
+    guard.attach(pipe, cfg.recompute)
     log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
              cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,
              cfg.micro_batch_size, cfg.period, f"; {task.describe}" if task.describe else "")
@@ -209,7 +221,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
             result = _throughput(cfg, task, pipe)
         else:
             with _Signals() as signals:
-                result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals)
+                result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals, guard)
         summary = _summarize(cfg, pipe, result)
         if dist.get_rank() == 0:
             _write_summary(Path(cfg.output_dir), cfg, summary)
@@ -330,7 +342,7 @@ def _epoch_items(data, start: int):
     return itertools.islice(iter(data), start, None)  # a DataLoader: the skipped ones are loaded
 
 
-def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
+def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonfinite.Guard) -> dict:
     history = []
     per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
@@ -338,6 +350,7 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
     if resumed:
         meter.losses, history = list(resumed["losses"]), list(resumed["history"])
         first_epoch, first_period = resumed["epoch"], resumed["period_in_epoch"]
+        guard.skipped = {p: list(u) for p, u in resumed["skipped"].items()}
     every = cfg.checkpoint_every
     for epoch in range(first_epoch, cfg.epochs):
         data = task.train_data(epoch, pipe.replica)
@@ -346,7 +359,19 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
         while done < per_epoch:
             run_so_far = epoch * per_epoch + done
             chunk = min(every - run_so_far % every, per_epoch - done) if every else per_epoch - done
-            pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
+            guard.start_chunk(run_so_far)
+            try:
+                pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
+                if cfg.on_nonfinite == "skip":
+                    _check_skips(guard, run_so_far)
+            except RuntimeError as error:
+                if not isinstance(error.__cause__, nonfinite.NonFiniteError):
+                    raise
+                log.error("stopped: %s", str(error).splitlines()[0])
+                raise NonFiniteStop(3) from None
+            except nonfinite.NonFiniteError as error:
+                log.error("stopped: %s", error)
+                raise NonFiniteStop(3) from None
             meter.next_call()
             done += chunk
             if done == per_epoch:
@@ -360,7 +385,7 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
             stop = signals.agreed(pipe.device)
             if stop or done == per_epoch or (every and (run_so_far + chunk) % every == 0):
                 position = (epoch + 1, 0) if done == per_epoch else (epoch, done)
-                folder = _save_checkpoint(cfg, pipe, per_epoch, position, meter.losses, history)
+                folder = _save_checkpoint(cfg, pipe, per_epoch, position, meter.losses, history, guard)
             if stop:
                 meter.close()
                 if dist.get_rank() == 0:
@@ -369,16 +394,28 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals) -> dict:
                 raise Preempted(128 + stop)
     meter.close()
     return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),
-            "eval": history[-1]["eval"] if history else {}}
+            "eval": history[-1]["eval"] if history else {},
+            "skipped_updates": sorted({u + 1 for updates in guard.skipped.values() for u in updates})}
 
 
-def _save_checkpoint(cfg, pipe, per_epoch: int, position: tuple[int, int], losses, history) -> Path:
+def _check_skips(guard: nonfinite.Guard, first_update: int) -> None:
+    """Every partition skipped the same updates (else NonFiniteError); rank 0 logs new ones."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, guard.skipped)
+    guard.consistent(gathered)
+    new = sorted({u for updates in guard.skipped.values() for u in updates if u >= first_update})
+    if new and dist.get_rank() == 0:
+        log.warning("skipped update(s) %s: non-finite loss or gradients (on_nonfinite skip)",
+                    ", ".join(str(u + 1) for u in new))
+
+
+def _save_checkpoint(cfg, pipe, per_epoch: int, position: tuple[int, int], losses, history, guard) -> Path:
     start = time.perf_counter()
     epoch, period_in_epoch = position
     period = epoch * per_epoch + period_in_epoch
     state = {"pipeline": pipe.state_dict(),
              "runner": {"epoch": epoch, "period_in_epoch": period_in_epoch, "losses": list(losses),
-                        "history": list(history)}}
+                        "history": list(history), "skipped": {p: list(u) for p, u in guard.skipped.items()}}}
     info = {"epoch": epoch, "period_in_epoch": period_in_epoch, "periods_per_epoch": per_epoch}
     folder = checkpoint.save(cfg.checkpoint_root, period, state, info, cfg, cfg.keep_checkpoints)
     if dist.get_rank() == 0:
@@ -412,7 +449,8 @@ def _throughput(cfg, task, pipe) -> dict:
     meter = _Meter(cfg, pipe, count // cfg.period, "throughput")
     pipe.train(task.synthetic_data(count, pipe.replica), on_period=meter)
     meter.close()
-    return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {}}
+    return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {},
+            "skipped_updates": []}
 
 
 def _summarize(cfg, pipe, result) -> dict:
@@ -429,7 +467,7 @@ def _summarize(cfg, pipe, result) -> dict:
     # Replicas differ only in their data: average their per-period losses.
     if all(len(g["losses"]) == len(losses) for g in loss_ranks):
         losses = [sum(g["losses"][t] for g in loss_ranks) / len(loss_ranks) for t in range(len(losses))]
-    tail = losses[-10:]
+    tail = [x for x in losses[-10:] if math.isfinite(x)]  # a skipped update's loss may be NaN
     history = result["history"]
     if history and losses:  # rank 0 writes the summary but may compute no loss: per-epoch means here
         per_epoch = len(losses) // len(history)
@@ -441,7 +479,7 @@ def _summarize(cfg, pipe, result) -> dict:
             "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
-            "history": history, "losses": losses,
+            "history": history, "losses": losses, "skipped_updates": result["skipped_updates"],
             "config": dataclasses.asdict(cfg)}
 
 

@@ -44,12 +44,13 @@ def assert_same_run(run_dir, reference_dir):
         assert_equal(a, b, f"rank {r}")
 
 
-def test_sigterm_checkpoints_exits_and_resumes(tmp_path, uninterrupted):
+@pytest.mark.parametrize("what, name", [("term", "SIGTERM"), ("int", "SIGINT")])
+def test_signal_checkpoints_exits_and_resumes(tmp_path, uninterrupted, what, name):
     run = tmp_path / "run"
-    args = ["nlp", "term", 1, 1, tmp_path / "marker", *ENTRIES["nlp"], "--output_dir", run, "--resume", "auto"]
+    args = ["nlp", what, 1, 1, tmp_path / "marker", *ENTRIES["nlp"], "--output_dir", run, "--resume", "auto"]
     code, out = torchrun(WORKER, 2, args, timeout=120)
     assert code != 0, out[-3000:]
-    stopped = [line for line in out.splitlines() if "stopped by SIGTERM" in line]
+    stopped = [line for line in out.splitlines() if f"stopped by {name}" in line]
     assert len(stopped) == 1 and stopped[0].endswith(
         f"after update 2: checkpoint {run / 'checkpoints' / checkpoint.folder_name(2)}; continue with --resume auto"), out[-3000:]
     assert checkpoint.latest(run / "checkpoints").name == checkpoint.folder_name(2)

@@ -288,9 +288,11 @@ class _Meter:
             log.info("period %d loss %.4f %s%s", len(self.losses), loss, lrs,
                      f" {rate:.1f} samples/s" if rate else "")
 
-    def next_call(self) -> None:
-        """Time the next train() call separately (evaluation in between is not training)."""
-        self.times.append([])
+    def start_call(self) -> None:
+        """A train() call starts: time it from now on its own (evaluation and checkpoints
+        before it are not training). The first call is timed from its first period's end."""
+        if self.times[-1]:
+            self.times.append([time.perf_counter()])
 
     def samples_per_second(self) -> float | None:
         """This replica's rate over the periods after the warm-up, within train() calls
@@ -360,6 +362,7 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonf
             run_so_far = epoch * per_epoch + done
             chunk = min(every - run_so_far % every, per_epoch - done) if every else per_epoch - done
             guard.start_chunk(run_so_far)
+            meter.start_call()
             try:
                 pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
                 if cfg.on_nonfinite == "skip":
@@ -372,7 +375,6 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonf
             except nonfinite.NonFiniteError as error:
                 log.error("stopped: %s", error)
                 raise NonFiniteStop(3) from None
-            meter.next_call()
             done += chunk
             if done == per_epoch:
                 record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}

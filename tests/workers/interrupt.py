@@ -2,8 +2,8 @@
 itself at a given point, as a preemption or a dying node would.
 
 Usage: interrupt.py ENTRY WHAT RANK PERIODS MARKER [--key value ...]
-ENTRY: nlp or cv. WHAT: term (SIGTERM to torchrun, which forwards it to every worker) or
-kill (SIGKILL to this worker). RANK does it once PERIODS updates are done in this process,
+ENTRY: nlp or cv. WHAT: term or int (SIGTERM or SIGINT to torchrun, which forwards it to
+every worker) or kill (SIGKILL to this worker). RANK does it once PERIODS updates are done in this process,
 unless MARKER exists (then nothing happens: a relaunch or a restart runs plainly); it
 creates MARKER first.
 """
@@ -30,8 +30,8 @@ def main():
         done[0] += 1
         if done[0] == int(periods) and int(os.environ["RANK"]) == int(rank) and not marker.exists():
             marker.touch()
-            if what == "term":
-                os.kill(os.getppid(), signal.SIGTERM)
+            if what in ("term", "int"):
+                os.kill(os.getppid(), signal.SIGTERM if what == "term" else signal.SIGINT)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
     runner._Meter.__call__ = call

@@ -17,16 +17,24 @@ replica after the all-reduce), so each partition sees the same period as bad:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import types
 
 import torch
+import torch.distributed as dist
 
 MODES = ("stop", "skip")
+log = logging.getLogger("wpipe")
 
 
 class NonFiniteError(FloatingPointError):
     pass
+
+
+class NonFiniteStop(SystemExit):
+    """Raised (exit status 3) once a non-finite loss or gradient stopped the run."""
 
 
 class Guard:
@@ -64,8 +72,34 @@ class Guard:
             self._partitions[id(versions.optimizer)] = (p, versions)
             self.skipped.setdefault(p, [])
 
-    def start_chunk(self, first_update: int) -> None:
+    @contextlib.contextmanager
+    def chunk(self, first_update: int):
+        """Around one Pipeline.train call whose first update is `first_update` (of the run,
+        from 0): a NonFiniteError raised in it (the engine wraps it) is logged on this rank
+        and becomes NonFiniteStop; in skip mode, every rank's skips are compared after it
+        (a collective) and rank 0 logs the new ones."""
         self.losses, self.first_update = [], first_update
+        try:
+            yield
+            if self.mode == "skip":
+                self._check_ranks()
+        except RuntimeError as error:
+            if not isinstance(error.__cause__, NonFiniteError):
+                raise
+            log.error("stopped: %s", str(error).splitlines()[0])
+            raise NonFiniteStop(3) from None
+        except NonFiniteError as error:
+            log.error("stopped: %s", error)
+            raise NonFiniteStop(3) from None
+
+    def _check_ranks(self) -> None:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.skipped)
+        self.consistent(gathered)
+        new = sorted({u for updates in self.skipped.values() for u in updates if u >= self.first_update})
+        if new and dist.get_rank() == 0:
+            log.warning("skipped update(s) %s: non-finite loss or gradients (on_nonfinite skip)",
+                        ", ".join(str(u + 1) for u in new))
 
     def _finite(self, optimizer) -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, nonfinite
+from .preemption import Preempted, Signals
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
 from .topology import init_distributed
@@ -153,14 +154,6 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
     return path, overrides
 
 
-class Preempted(SystemExit):
-    """Raised after the checkpoint that a SIGTERM or SIGINT asked for (exit status 128 + signal)."""
-
-
-class NonFiniteStop(SystemExit):
-    """Raised (exit status 3) after a non-finite loss or gradient with on_nonfinite stop."""
-
-
 def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> None:
     """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
     try:
@@ -220,7 +213,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
         if cfg.mode == "throughput":
             result = _throughput(cfg, task, pipe)
         else:
-            with _Signals() as signals:
+            with Signals() as signals:
                 result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals, guard)
         summary = _summarize(cfg, pipe, result)
         if dist.get_rank() == 0:
@@ -311,30 +304,6 @@ class _Meter:
             self.bar.close()
 
 
-class _Signals:
-    """SIGTERM and SIGINT only note that the run should stop (at the next chunk's end)."""
-
-    def __enter__(self):
-        self.received = None
-        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def _note(self, signum, frame):
-        if self.received:  # a second one: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def agreed(self, device) -> int:
-        """The signal any rank received (0: none): every rank stops after the same chunk."""
-        flag = torch.tensor([int(self.received or 0)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def _epoch_items(data, start: int):
     """An iterator over `data` from micro-batch `start` on (indexed when it can be)."""
     if start == 0:
@@ -344,7 +313,7 @@ def _epoch_items(data, start: int):
     return itertools.islice(iter(data), start, None)  # a DataLoader: the skipped ones are loaded
 
 
-def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonfinite.Guard) -> dict:
+def _train(cfg, task, pipe, resumed: dict | None, signals: Signals, guard: nonfinite.Guard) -> dict:
     history = []
     per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
@@ -361,20 +330,9 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonf
         while done < per_epoch:
             run_so_far = epoch * per_epoch + done
             chunk = min(every - run_so_far % every, per_epoch - done) if every else per_epoch - done
-            guard.start_chunk(run_so_far)
             meter.start_call()
-            try:
+            with guard.chunk(run_so_far):
                 pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
-                if cfg.on_nonfinite == "skip":
-                    _check_skips(guard, run_so_far)
-            except RuntimeError as error:
-                if not isinstance(error.__cause__, nonfinite.NonFiniteError):
-                    raise
-                log.error("stopped: %s", str(error).splitlines()[0])
-                raise NonFiniteStop(3) from None
-            except nonfinite.NonFiniteError as error:
-                log.error("stopped: %s", error)
-                raise NonFiniteStop(3) from None
             done += chunk
             if done == per_epoch:
                 record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
@@ -398,17 +356,6 @@ def _train(cfg, task, pipe, resumed: dict | None, signals: _Signals, guard: nonf
     return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),
             "eval": history[-1]["eval"] if history else {},
             "skipped_updates": sorted({u + 1 for updates in guard.skipped.values() for u in updates})}
-
-
-def _check_skips(guard: nonfinite.Guard, first_update: int) -> None:
-    """Every partition skipped the same updates (else NonFiniteError); rank 0 logs new ones."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, guard.skipped)
-    guard.consistent(gathered)
-    new = sorted({u for updates in guard.skipped.values() for u in updates if u >= first_update})
-    if new and dist.get_rank() == 0:
-        log.warning("skipped update(s) %s: non-finite loss or gradients (on_nonfinite skip)",
-                    ", ".join(str(u + 1) for u in new))
 
 
 def _save_checkpoint(cfg, pipe, per_epoch: int, position: tuple[int, int], losses, history, guard) -> Path:

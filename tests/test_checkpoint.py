@@ -16,12 +16,12 @@ from wpipe import checkpoint
 WORKER = ROOT / "tests" / "workers" / "resume_cases.py"
 STARTS = (2, 4)        # mid-epoch 1 and mid-epoch 2 (3 updates per epoch)
 TWO = [("wpipe", 2, 1), ("pipedream_2bw", 2, 1), ("pipedream_flush", 2, 1), ("gpipe", 2, 1),
-       ("data_parallel", 1, 2), ("wpipe", 1, 2)]
+       ("data_parallel", 1, 2), ("wpipe", 1, 2), ("wpipe", 2, 1, "recompute"), ("pipedream_2bw", 2, 1, "m4")]
 FOUR = [("wpipe", 2, 2)]
 
 
 def cases(layouts):
-    return [f"{m}:{n}:{d}:{','.join(map(str, STARTS))}" for m, n, d in layouts]
+    return [":".join([m, str(n), str(d), ",".join(map(str, STARTS)), *flags]) for m, n, d, *flags in layouts]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,8 @@ def final_state(run_dir, world):
     return [torch.load(folder / checkpoint.rank_file(r), weights_only=True) for r in range(world)]
 
 
-def check_resumed(out, method, depth, dp):
-    base = out / f"{method}_{depth}x{dp}"
+def check_resumed(out, method, depth, dp, *flags):
+    base = out / "_".join([f"{method}_{depth}x{dp}", *flags])
     full = json.loads((base / "full" / "summary.json").read_text())
     assert len(full["losses"]) == 6 and len(full["history"]) == 2
     expected = final_state(base / "full", depth * dp)
@@ -75,14 +75,14 @@ def check_resumed(out, method, depth, dp):
             assert_equal(a, b, f"{method} {depth}x{dp} resumed after update {start}, rank {r}")
 
 
-@pytest.mark.parametrize("method, depth, dp", TWO)
-def test_resume_is_exact(runs, method, depth, dp):
-    check_resumed(runs, method, depth, dp)
+@pytest.mark.parametrize("layout", TWO, ids=lambda layout: "_".join(map(str, layout)))
+def test_resume_is_exact(runs, layout):
+    check_resumed(runs, *layout)
 
 
-@pytest.mark.parametrize("method, depth, dp", FOUR)
-def test_resume_is_exact_four_ranks(runs4, method, depth, dp):
-    check_resumed(runs4, method, depth, dp)
+@pytest.mark.parametrize("layout", FOUR, ids=lambda layout: "_".join(map(str, layout)))
+def test_resume_is_exact_four_ranks(runs4, layout):
+    check_resumed(runs4, *layout)
 
 
 def test_checkpoint_folders_and_manifest(runs):

@@ -1,9 +1,9 @@
 """Worker (under torchrun): for each case, an uninterrupted run of nlp/main.py with
 checkpoints, then runs resumed from some of its checkpoints, in one process group.
 
-Usage: resume_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:resume_period[,...]
-Writes OUT_DIR/<method>_<depth>x<dp>/full/ and .../from<P>/ (each with summary.json and
-checkpoints/).
+Usage: resume_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:resume_period[,...][:flag]
+flag: recompute, or m<K> (K micro-batches per update). Writes OUT_DIR/<method>_<depth>x<dp>[_flag]/
+full/ and .../from<P>/ (each with summary.json and checkpoints/).
 """
 import os
 import sys
@@ -26,9 +26,11 @@ TINY = ["--num_layers", "4", "--hidden", "16", "--heads", "2", "--ffn", "32", "-
 
 
 def run_case(out_dir: str, case: str) -> None:
-    method, depth, dp, starts = case.split(":")
-    base = os.path.join(out_dir, f"{method}_{depth}x{dp}")
+    method, depth, dp, starts, *flags = case.split(":")
+    base = os.path.join(out_dir, "_".join([f"{method}_{depth}x{dp}", *flags]))
     layout = ["--method", method, "--pipeline_depth", depth, "--data_parallel", dp]
+    for flag in flags:
+        layout += ["--recompute", "true"] if flag == "recompute" else ["--micro_batches_per_update", flag[1:]]
     main(NlpConfig, make_task, [*TINY, *layout, "--output_dir", os.path.join(base, "full")])
     for start in starts.split(","):
         saved = os.path.join(base, "full", "checkpoints", checkpoint.folder_name(int(start)))

@@ -70,10 +70,11 @@ def inputs(tmp_path_factory):
     good = fake_checkpoint(root / "ckpt" / "good", [a.lstrip("-") for a in NLP])
     for name in ("sha", "size", "missing", "manifest"):
         shutil.copytree(good, root / "ckpt" / name)
-    rank1 = root / "ckpt" / "sha" / "rank00001.pt"
-    data = bytearray(rank1.read_bytes())
-    data[-30] ^= 0xFF
-    rank1.write_bytes(bytes(data))
+    for r in (0, 1):
+        path = root / "ckpt" / "sha" / checkpoint.rank_file(r)
+        data = bytearray(path.read_bytes())
+        data[-30] ^= 0xFF
+        path.write_bytes(bytes(data))
     with open(root / "ckpt" / "size" / "rank00000.pt", "ab") as f:
         f.write(b"\0")
     (root / "ckpt" / "missing" / "rank00001.pt").unlink()
@@ -132,7 +133,7 @@ def table(i):
         # checkpoints: missing, corrupt, of another run
         ("nlp", ["--resume", str(ck / "nowhere")], r"resume: .*nowhere is not a checkpoint \(no manifest.json"),
         ("nlp", ["--resume", str(ck / "empty")], r"resume: .*empty is not a checkpoint"),
-        ("nlp", ["--resume", str(ck / "sha")], r"checkpoint file .*sha/rank00001.pt is corrupt: its sha256 differs"),
+        ("nlp", ["--resume", str(ck / "sha")], r"checkpoint file .*sha/rank00000.pt is corrupt: its sha256 differs"),
         ("nlp", ["--resume", str(ck / "size")], r"checkpoint file .*size/rank00000.pt is corrupt: \d+ bytes, the manifest says \d+"),
         ("nlp", ["--resume", str(ck / "missing")], r"checkpoint file .*missing/rank00001.pt is missing"),
         ("nlp", ["--resume", str(ck / "manifest")], r"checkpoint .*manifest/manifest.json: unreadable"),
@@ -172,6 +173,18 @@ def test_bad_inputs_give_one_error_line(inputs, tmp_path, capsys, monkeypatch):
         line = one_error_line(capsys, config_class, make_task, [*base, "--output_dir", str(out), *argv])
         assert re.search(message, line), f"{argv}: {line}"
         assert not out.exists(), f"{argv} left {sorted(out.rglob('*'))}"
+
+
+def test_a_rank_reports_its_own_corrupt_file(inputs, tmp_path, capsys, monkeypatch):
+    """Each rank hashes only its own file: rank 1 finds its corruption and says so itself."""
+    monkeypatch.setenv("RANK", "1")
+    line = one_error_line(capsys, NlpConfig, nlp_task, [*NLP, "--output_dir", str(tmp_path / "out"),
+                                                        "--resume", str(inputs / "ckpt" / "sha")])
+    assert re.search(r"checkpoint file .*sha/rank00001.pt is corrupt: its sha256 differs", line)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):  # rank 1 is silent about what rank 0 reports (another run)
+        cli(NlpConfig, nlp_task, [*NLP, "--output_dir", str(tmp_path / "out"), "--resume", str(inputs / "ckpt" / "gpipe")])
+    assert capsys.readouterr().err == ""
 
 
 def test_world_size_on_a_one_rank_group(tmp_path, capsys, monkeypatch):

@@ -42,7 +42,9 @@ FREE_ON_RESUME = {"output_dir", "checkpoint_dir", "resume", "checkpoint_every", 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: missing, corrupt or of another run."""
+    """A checkpoint that cannot be resumed from: missing, corrupt or of another run.
+    `rank_only`: found by one rank alone (its own file), so that rank reports it."""
+    rank_only = False
 
 
 def rank_file(rank: int) -> str:
@@ -138,8 +140,9 @@ def latest(root: Path) -> Path | None:
 
 def find(cfg, rank: int) -> tuple[Path, dict] | None:
     """The checkpoint `cfg.resume` names, checked: (folder, manifest), or None for a fresh
-    start (resume unset, or `auto` with no complete checkpoint yet). Rank 0 checks every
-    rank's file (size and sha256), other ranks their own."""
+    start (resume unset, or `auto` with no complete checkpoint yet). Rank 0 checks that
+    every rank's file is there with its size; each rank reads its own file for the sha256
+    (in parallel: rank 0 alone would read the whole model)."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
@@ -158,7 +161,11 @@ def find(cfg, rank: int) -> tuple[Path, dict] | None:
     check_config(folder, manifest, cfg)
     for entry in manifest["files"]:
         if rank == 0 or entry["rank"] == rank:
-            verify_file(folder, entry)
+            try:
+                verify_file(folder, entry, digest=entry["rank"] == rank)
+            except CheckpointError as error:
+                error.rank_only = rank != 0
+                raise
     return folder, manifest
 
 
@@ -194,18 +201,21 @@ def check_config(folder: Path, manifest: dict, cfg) -> None:
                               f"{manifest['world_size']}, this run has {world} ranks")
 
 
-def verify_file(folder: Path, entry: dict) -> None:
+def verify_file(folder: Path, entry: dict, digest: bool = True) -> None:
+    """The file of a manifest entry is there with its size (and, if `digest`, its sha256)."""
     path = folder / entry["name"]
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing (listed in {folder / MANIFEST})")
     size = path.stat().st_size
     if size != entry["size"]:
         raise CheckpointError(f"checkpoint file {path} is corrupt: {size} bytes, the manifest says {entry['size']}")
-    digest = hashlib.sha256()
+    if not digest:
+        return
+    sha256 = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    if digest.hexdigest() != entry["sha256"]:
+            sha256.update(block)
+    if sha256.hexdigest() != entry["sha256"]:
         raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 differs from the manifest's")
 
 

@@ -22,7 +22,8 @@ the same checkpoint_every.)
 
 `cli` is what the entry points run: errors of the user's input (configuration, data,
 checkpoints, launch), found before training starts, print one line `error: ...` on rank 0
-and exit with status 2; WPIPE_DEBUG=1 shows the traceback instead.
+(or on the one rank that alone can see it: a corrupt rank file) and exit with status 2;
+WPIPE_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = No
     except INPUT_ERRORS as error:
         if os.environ.get("WPIPE_DEBUG"):
             raise
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0 or getattr(error, "rank_only", False):
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     run()

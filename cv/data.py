@@ -154,8 +154,15 @@ def _read_cifar_pickle(path: Path, md5: str, layout: CifarLayout, verify: bool) 
         raise FileNotFoundError(f"CIFAR file not found: {path}. Expected layout: {layout.layout}")
     if verify:
         _check_md5(path, md5)
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise ValueError(f"{path} is not a CIFAR python pickle ({type(error).__name__}: {error}); "
+                         f"replace it with the file from the official archive") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} holds a {type(entry).__name__}, not the dict of a CIFAR batch")
+    return entry
 
 
 class FlowersDataset(Dataset):

@@ -24,7 +24,7 @@ from cv.data import (DATASETS, load_dataset, micro_batch_labels, micro_batch_loa
                      synthetic_dataset)
 from cv.model import build_resnext_partition, check_image_size, resnext_partition_plan, resnext_spec
 from wpipe import schedule
-from wpipe.runner import Task, TrainConfig, main
+from wpipe.runner import Task, TrainConfig, cli
 from wpipe.topology import Topology
 
 log = logging.getLogger("wpipe.cv")
@@ -189,4 +189,4 @@ def _warmup_then_step_decay(optimizer, warmup: int, decay_every: int) -> LambdaL
 
 
 if __name__ == "__main__":
-    main(CvConfig, make_task)
+    cli(CvConfig, make_task)

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from nlp import glue
 from nlp.model import bert_config, build_bert_partition, minilm_checkpoint
 from wpipe import schedule
-from wpipe.runner import Task, TrainConfig, main
+from wpipe.runner import Task, TrainConfig, cli
 
 log = logging.getLogger("wpipe.nlp")
 ATTENTION = ("eager", "sdpa")
@@ -225,4 +225,4 @@ def _warmup_then_linear_decay(optimizer, warmup: int, total: int) -> LambdaLR:
 
 
 if __name__ == "__main__":
-    main(NlpConfig, make_task)
+    cli(NlpConfig, make_task)

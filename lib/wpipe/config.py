@@ -99,7 +99,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict | Non
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of field: value at the top level")
         values.update(_typed(cls, loaded, str(path), from_text=False))

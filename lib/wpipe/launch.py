@@ -22,10 +22,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(script, nproc: int, args=()) -> list[str]:
-    """torchrun on loopback with a free port, `nproc` processes on this machine."""
+def torchrun_command(script, nproc: int, args=(), options=()) -> list[str]:
+    """torchrun on loopback with a free port, `nproc` processes on this machine; `options`
+    are torchrun's own (e.g. --max-restarts=1)."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *map(str, args)]
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *options, str(script), *map(str, args)]
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None, cwd=None) -> tuple[int, str]:

@@ -11,23 +11,44 @@ pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss,
 metrics and per-period losses) and the resolved config, which is also written beside it
 as config.yaml. With `trace: true` it also holds `timeline` (per rank busy_s, wait_s,
 window_s, bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
+
+Checkpoints (checkpoint.py): training runs in chunks that end at every `checkpoint_every`-th
+update (counted over the whole run) and at epoch ends; after a chunk the runner may write a
+checkpoint, and stops there when a SIGTERM or SIGINT arrived (every rank agrees first), after
+writing one. `--resume` continues from a checkpoint at the exact micro-batch: weights
+(versions included), optimizers, LR schedules, RNG states, losses and history, so the run
+ends as an uninterrupted one with the same settings would, bit for bit on CPU. (The chunks
+follow `checkpoint_every`; with dropout, RNG draws follow the chunks, so compare runs with
+the same checkpoint_every.)
+
+`cli` is what the entry points run: errors of the user's input (configuration, data,
+checkpoints, launch), found before training starts, print one line `error: ...` on rank 0
+(or on the one rank that alone can see it: a corrupt rank file) and exit with status 2;
+WPIPE_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
+import math
 import os
+import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint, nonfinite
+from .preemption import Preempted, Signals
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
 from .topology import init_distributed
@@ -35,6 +56,8 @@ from .trace import timeline_summary, write_trace
 
 log = logging.getLogger("wpipe")
 MODES = ("train", "throughput")
+INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What setting up a run raises for bad input (bugs there look the same: WPIPE_DEBUG=1)."""
 
 
 @dataclass
@@ -62,6 +85,19 @@ class TrainConfig(PipelineConfig):
     """Periods excluded from timing (also in train mode's samples_per_second)."""
     log_every: int = 10
     """Log a line every this many periods."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many updates (periods) of the run; 0: only at epoch
+    ends (which always get one, the last included)."""
+    checkpoint_dir: str | None = None
+    """Folder of the checkpoints (one sub-folder each); None: <output_dir>/checkpoints."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (older ones are removed once a newer one is complete); 0: all."""
+    resume: str | None = None
+    """auto: the latest complete checkpoint under checkpoint_dir (a fresh start if none);
+    a checkpoint folder (or a checkpoint_dir: its latest); None: start afresh."""
+    on_nonfinite: str = "stop"
+    """A NaN or Inf loss or gradient: stop (naming update, partition, micro-batch) or skip
+    that update on every partition (summary.json skipped_updates lists them, from 1)."""
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +108,19 @@ class TrainConfig(PipelineConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.throughput_warmup_periods < 0 or self.warmup_periods < 0:
             raise ValueError("throughput_warmup_periods and warmup_periods must be >= 0")
+        for name in ("checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_periods_per_epoch is not None and self.max_periods_per_epoch < 1:
+            raise ValueError(f"max_periods_per_epoch must be >= 1 or null, got {self.max_periods_per_epoch}")
+        if self.on_nonfinite not in nonfinite.MODES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(nonfinite.MODES)}, got {self.on_nonfinite!r}")
+        if self.resume is not None and self.mode != "train":
+            raise ValueError(f"resume applies to mode train, not {self.mode}: drop resume or use mode train")
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir) / "checkpoints"
 
 
 @dataclass
@@ -87,6 +136,9 @@ class Task:
     metrics: Callable                    # (name, logits, labels) -> {metric: value}
     synthetic_data: Callable             # (count, replica) -> micro-batches, for throughput
     describe: str = ""                   # one line for the log: model and data
+    measure_block_costs: Callable | None = None
+    """For partitions balanced by time: () -> block costs, measured on rank 0 only; every
+    rank then builds its partitions with build_partition(i, block_costs=those costs)."""
 
 
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
@@ -109,29 +161,81 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
     return path, overrides
 
 
+def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> None:
+    """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
+    try:
+        run = setup(config_class, make_task, argv)
+    except INPUT_ERRORS as error:
+        if os.environ.get("WPIPE_DEBUG"):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0 or getattr(error, "rank_only", False):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    run()
+
+
 def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> dict | None:
     """Run an entry point under torchrun. Returns the summary on rank 0."""
+    return setup(config_class, make_task, argv)()
+
+
+def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> Callable:
+    """Everything before training, where bad input shows: configuration, task (data checked),
+    the checkpoint to resume from (checked before any process group exists), process group,
+    Pipeline, loaded state. Returns the run (train or throughput, then summary.json), which
+    returns the summary on rank 0. Uses a process group that exists already (and leaves it)."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_class, path, overrides)
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     task = make_task(cfg)            # checks data and model settings before any process starts talking
     total_periods = _total_periods(cfg, task)
+    found = checkpoint.find(cfg, rank) if cfg.mode == "train" else None
+    if found and found[1].get("periods_per_epoch") != total_periods // cfg.epochs:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {found[0]} has {found[1].get('periods_per_epoch')} updates per epoch, this run "
+            f"{total_periods // cfg.epochs}: the training data or max_periods_per_epoch changed")
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    owns_group = not dist.is_initialized()
     backend = init_distributed(cfg.backend, cfg.timeout_s)
-    pipe = Pipeline(task.build_partition, task.loss_fn, task.make_optimizer, cfg.pipeline_fields(),
-                    make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
+    guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
+    build_partition = task.build_partition
+    if task.measure_block_costs is not None:   # timings differ per process: all cut by rank 0's
+        costs = [task.measure_block_costs() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(costs, src=0)
+        log.info("partitions balanced by block costs measured on rank 0: %s s",
+                 ", ".join(f"{c:.4g}" for c in costs[0]))
+        build_partition = functools.partial(task.build_partition, block_costs=costs[0])
+    pipe = Pipeline(build_partition, guard.loss_fn(task.loss_fn), guard.make_optimizer(task.make_optimizer),
+                    cfg.pipeline_fields(), make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
+    guard.attach(pipe, cfg.recompute)
     log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
              cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,
              cfg.micro_batch_size, cfg.period, f"; {task.describe}" if task.describe else "")
-    result = (_throughput if cfg.mode == "throughput" else _train)(cfg, task, pipe)
-    summary = _summarize(cfg, pipe, result)
-    if dist.get_rank() == 0:
-        _write_summary(Path(cfg.output_dir), cfg, summary)
-    dist.destroy_process_group()
-    return summary if rank == 0 else None
+    resumed = None
+    if found:
+        resumed = checkpoint.load(found[0], dist.get_rank(), pipe.device)
+        pipe.load_state_dict(resumed["pipeline"])
+        log.info("resumed from %s: epoch %d, update %d of the epoch (%d done)", found[0],
+                 resumed["runner"]["epoch"] + 1, resumed["runner"]["period_in_epoch"], found[1]["period"])
+
+    def run() -> dict | None:
+        if cfg.mode == "throughput":
+            result = _throughput(cfg, task, pipe)
+        else:
+            with Signals() as signals:
+                result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals, guard)
+        summary = _summarize(cfg, pipe, result)
+        if dist.get_rank() == 0:
+            _write_summary(Path(cfg.output_dir), cfg, summary)
+        if owns_group:
+            dist.destroy_process_group()
+        return summary if rank == 0 else None
+    return run
 
 
 def _total_periods(cfg, task) -> int:
@@ -153,7 +257,7 @@ def _periods_per_epoch(cfg, num_micro_batches: int) -> int:
 
 
 class _Take:
-    """The first `count` items of an iterable, with a length."""
+    """The first `count` items of an iterable (an iterator: the next `count`), with a length."""
 
     def __init__(self, items, count: int):
         self.items, self.count = items, count
@@ -191,9 +295,11 @@ class _Meter:
             log.info("period %d loss %.4f %s%s", len(self.losses), loss, lrs,
                      f" {rate:.1f} samples/s" if rate else "")
 
-    def next_call(self) -> None:
-        """Time the next train() call separately (evaluation in between is not training)."""
-        self.times.append([])
+    def start_call(self) -> None:
+        """A train() call starts: time it from now on its own (evaluation and checkpoints
+        before it are not training). The first call is timed from its first period's end."""
+        if self.times[-1]:
+            self.times.append([time.perf_counter()])
 
     def samples_per_second(self) -> float | None:
         """This replica's rate over the periods after the warm-up, within train() calls
@@ -212,24 +318,73 @@ class _Meter:
             self.bar.close()
 
 
-def _train(cfg, task, pipe) -> dict:
+def _epoch_items(data, start: int):
+    """An iterator over `data` from micro-batch `start` on (indexed when it can be)."""
+    if start == 0:
+        return iter(data)
+    if hasattr(data, "__getitem__"):
+        return (data[i] for i in range(start, len(data)))
+    return itertools.islice(iter(data), start, None)  # a DataLoader: the skipped ones are loaded
+
+
+def _train(cfg, task, pipe, resumed: dict | None, signals: Signals, guard: nonfinite.Guard) -> dict:
     history = []
     per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
-    for epoch in range(cfg.epochs):
+    first_epoch, first_period = 0, 0
+    if resumed:
+        meter.losses, history = list(resumed["losses"]), list(resumed["history"])
+        first_epoch, first_period = resumed["epoch"], resumed["period_in_epoch"]
+        guard.skipped = {p: list(u) for p, u in resumed["skipped"].items()}
+    every = cfg.checkpoint_every
+    for epoch in range(first_epoch, cfg.epochs):
         data = task.train_data(epoch, pipe.replica)
-        pipe.train(_Take(data, per_epoch * cfg.period), on_period=meter)
-        meter.next_call()
-        record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
-        if meter.losses:
-            record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
-        history.append(record)
-        log.info("epoch %d/%d done%s%s", epoch + 1, cfg.epochs,
-                 f", mean loss {record['loss']:.4f}" if "loss" in record else "",
-                 "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
+        done = first_period if epoch == first_epoch else 0
+        items = _epoch_items(data, done * cfg.period)
+        while done < per_epoch:
+            run_so_far = epoch * per_epoch + done
+            chunk = min(every - run_so_far % every, per_epoch - done) if every else per_epoch - done
+            meter.start_call()
+            with guard.chunk(run_so_far):
+                pipe.train(_Take(items, chunk * cfg.period), on_period=meter)
+            done += chunk
+            if done == per_epoch:
+                record = {"epoch": epoch + 1, "eval": _evaluate(cfg, task, pipe)}
+                if meter.losses:
+                    record["loss"] = sum(meter.losses[-per_epoch:]) / per_epoch
+                history.append(record)
+                log.info("epoch %d/%d done%s%s", epoch + 1, cfg.epochs,
+                         f", mean loss {record['loss']:.4f}" if "loss" in record else "",
+                         "".join(f", {k} {v:.4f}" for k, v in record["eval"].items()))
+            stop = signals.agreed(pipe.device)
+            if stop or done == per_epoch or (every and (run_so_far + chunk) % every == 0):
+                position = (epoch + 1, 0) if done == per_epoch else (epoch, done)
+                folder = _save_checkpoint(cfg, pipe, per_epoch, position, meter.losses, history, guard)
+            if stop:
+                meter.close()
+                if dist.get_rank() == 0:
+                    log.info("stopped by %s after update %d: checkpoint %s; continue with --resume auto",
+                             signal.Signals(stop).name, run_so_far + chunk, folder)
+                raise Preempted(128 + stop)
     meter.close()
     return {"history": history, "losses": meter.losses, "samples_per_second": meter.samples_per_second(),
-            "eval": history[-1]["eval"] if history else {}}
+            "eval": history[-1]["eval"] if history else {},
+            "skipped_updates": sorted({u + 1 for updates in guard.skipped.values() for u in updates})}
+
+
+def _save_checkpoint(cfg, pipe, per_epoch: int, position: tuple[int, int], losses, history, guard) -> Path:
+    start = time.perf_counter()
+    epoch, period_in_epoch = position
+    period = epoch * per_epoch + period_in_epoch
+    state = {"pipeline": pipe.state_dict(),
+             "runner": {"epoch": epoch, "period_in_epoch": period_in_epoch, "losses": list(losses),
+                        "history": list(history), "skipped": {p: list(u) for p, u in guard.skipped.items()}}}
+    info = {"epoch": epoch, "period_in_epoch": period_in_epoch, "periods_per_epoch": per_epoch}
+    folder = checkpoint.save(cfg.checkpoint_root, period, state, info, cfg, cfg.keep_checkpoints)
+    if dist.get_rank() == 0:
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        log.info("checkpoint %s: %.1f MB in %.2f s", folder, size / 1e6, time.perf_counter() - start)
+    return folder
 
 
 def _evaluate(cfg, task, pipe) -> dict:
@@ -257,7 +412,8 @@ def _throughput(cfg, task, pipe) -> dict:
     meter = _Meter(cfg, pipe, count // cfg.period, "throughput")
     pipe.train(task.synthetic_data(count, pipe.replica), on_period=meter)
     meter.close()
-    return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {}}
+    return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {},
+            "skipped_updates": []}
 
 
 def _summarize(cfg, pipe, result) -> dict:
@@ -275,7 +431,7 @@ def _summarize(cfg, pipe, result) -> dict:
     # Replicas differ only in their data: average their per-period losses.
     if all(len(g["losses"]) == len(losses) for g in loss_ranks):
         losses = [sum(g["losses"][t] for g in loss_ranks) / len(loss_ranks) for t in range(len(losses))]
-    tail = losses[-10:]
+    tail = [x for x in losses[-10:] if math.isfinite(x)]  # a skipped update's loss may be NaN
     history = result["history"]
     if history and losses:  # rank 0 writes the summary but may compute no loss: per-epoch means here
         per_epoch = len(losses) // len(history)
@@ -287,7 +443,7 @@ def _summarize(cfg, pipe, result) -> dict:
             "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
             "final_loss": sum(tail) / len(tail) if tail else None,
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
-            "history": history, "losses": losses,
+            "history": history, "losses": losses, "skipped_updates": result["skipped_updates"],
             "config": dataclasses.asdict(cfg)}
     if cfg.trace:
         summary["timeline"] = timeline_summary([e for g in gathered for e in g["trace"]])

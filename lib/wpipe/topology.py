@@ -122,5 +122,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> st
             raise RuntimeError("backend nccl needs CUDA, which is not available here: use gloo")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's static rendezvous (--master_addr/--master_port) keeps one store
+            # across --max-restarts: without a prefix per attempt, the restarted ranks
+            # would read the dead ranks' addresses and wait for them.
+            store = dist.PrefixStore(f"attempt{restart}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                is_master=False, timeout=timedelta(seconds=timeout_s)))
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return backend

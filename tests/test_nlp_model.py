@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
-from nlp.model import (bert_config, bert_partition_plan, build_bert_partition,
+from nlp.model import (bert_block_seconds, bert_config, bert_partition_plan, build_bert_partition,
                        minilm_checkpoint)
 
 
@@ -180,3 +180,27 @@ def test_minilm_checkpoint_partitions_equal_from_pretrained(attn):
                                    model(**batch).logits, rtol=0, atol=1e-5)
     fresh = build_bert_partition(3, 4, config, checkpoint=folder, seed=42)
     assert torch.equal(fresh.classifier.weight, parts[-1].classifier.weight)  # same on all ranks
+
+
+def test_balance_by_block_costs():
+    """Measured costs move layers away from a heavy embedding or head; the partitions hold
+    exactly the planned layers."""
+    def heaviest(plan, costs):
+        embeddings, layer, head = costs
+        return max(sum({"embeddings": embeddings, "head": head}.get(n, layer) for n in names) for names in plan)
+    heavy_embeddings = bert_partition_plan(8, 4, block_costs=(3.0, 1.0, 0.0))
+    assert heavy_embeddings[0] == ["embeddings", "layer.0"]
+    assert heaviest(heavy_embeddings, (3.0, 1.0, 0.0)) == 4.0            # the least possible
+    assert heaviest(bert_partition_plan(8, 4), (3.0, 1.0, 0.0)) == 5.0    # uniform: 3 + 2 layers
+    heavy_head = bert_partition_plan(8, 4, block_costs=(0.0, 1.0, 3.0))
+    assert heavy_head[-1] == ["layer.7", "head"]
+    assert bert_partition_plan(8, 4, block_costs=(0.0, 1.0, 0.0)) == bert_partition_plan(8, 4)
+    config = bert_config(num_layers=8, hidden=32, heads=2, ffn=64, vocab_size=100)
+    for index, names in enumerate(heavy_embeddings):
+        part = build_bert_partition(index, 4, config, block_costs=(3.0, 1.0, 0.0))
+        assert [f"layer.{i}" for i in part.bert.encoder.layer] == [n for n in names if n.startswith("layer.")]
+
+
+def test_block_seconds_are_measured():
+    costs = bert_block_seconds(bert_config(num_layers=2, hidden=32, heads=2, ffn=64, vocab_size=100), 4, 16)
+    assert len(costs) == 3 and all(c > 0 for c in costs)

@@ -6,6 +6,7 @@ a resumed run's losses, history and final state (weights and their versions, opt
 LR schedule, RNG states) must equal the uninterrupted run's bit for bit.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -111,3 +112,33 @@ def test_prune_keeps_the_newest_complete_and_any_newer_partial(tmp_path):
     checkpoint.prune(tmp_path, keep=0)
     assert len(list(tmp_path.iterdir())) == 3
     assert checkpoint.latest(tmp_path / "nowhere") is None
+
+
+def test_written_last_wins_over_more_periods(tmp_path):
+    """A run started afresh (or resumed from an older checkpoint) into a folder holding
+    checkpoints of more periods: its own newest is the latest, and pruning keeps it."""
+    def write(n, at):
+        folder = tmp_path / checkpoint.folder_name(n)
+        folder.mkdir(exist_ok=True)
+        (folder / checkpoint.MANIFEST).write_text("{}")
+        os.utime(folder / checkpoint.MANIFEST, ns=(at, at))
+    write(6, 1_000), write(8, 2_000)          # an earlier run
+    write(2, 3_000)                           # this run's first checkpoint
+    assert checkpoint.latest(tmp_path).name == checkpoint.folder_name(2)
+    checkpoint.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.folder_name(n) for n in (2, 8)]
+    write(4, 4_000)
+    checkpoint.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.folder_name(n) for n in (2, 4)]
+
+
+def test_the_same_run_twice_into_one_output_dir(tmp_path):
+    """Running a command again starts afresh over the first run's checkpoints."""
+    args = ["--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--epochs", "2", "--max_periods_per_epoch", "3",
+            "--checkpoint_every", "1", "--synthetic_samples", "200", "--max_eval_batches", "2",
+            "--output_dir", tmp_path]
+    run_ok(ROOT / "nlp" / "main.py", 2, args, timeout=300)
+    run_ok(ROOT / "nlp" / "main.py", 2, args, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        [checkpoint.folder_name(n) for n in (5, 6)]
+    assert json.loads((tmp_path / "summary.json").read_text())["losses"]

@@ -82,10 +82,12 @@ def save(root: Path, period: int, state: dict, info: dict, cfg, keep: int) -> Pa
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (0: all); remove older ones, and
-    incomplete folders older than the newest complete one."""
+    """Keep the `keep` complete checkpoints written last (0: all); remove the others, and
+    incomplete folders of fewer periods than the one written last. Written last, not most
+    periods: a run started afresh, or resumed from an older checkpoint, into a folder that
+    holds checkpoints of more periods replaces them as it goes."""
     found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := FOLDER.match(p.name)))
-    complete = [(n, p) for n, p in found if (p / MANIFEST).is_file()]
+    complete = sorted(((n, p) for n, p in found if (p / MANIFEST).is_file()), key=_written)
     if not complete:
         return
     newest = complete[-1][0]
@@ -130,12 +132,19 @@ class _Hashing:
 # ---------------------------------------------------------------- finding and checking (no process group)
 
 def latest(root: Path) -> Path | None:
-    """The complete checkpoint with the most periods under `root`, or None."""
+    """The complete checkpoint under `root` written last (see `prune`), or None."""
     if not root.is_dir():
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := FOLDER.match(p.name)) and (p / MANIFEST).is_file()]
-    return max(found)[1] if found else None
+    return max(found, key=_written)[1] if found else None
+
+
+def _written(entry: tuple[int, Path]) -> tuple[int, int]:
+    """Order of writing: the manifest's modification time (rank 0 writes every manifest,
+    so one clock), then periods."""
+    periods, folder = entry
+    return (folder / MANIFEST).stat().st_mtime_ns, periods
 
 
 def find(cfg, rank: int) -> tuple[Path, dict] | None:

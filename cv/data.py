@@ -1,4 +1,4 @@
-"""Image data for the ResNeXt experiments: CIFAR-10/100, Oxford Flowers-102, synthetic.
+"""Image data for the ResNeXt experiments: CIFAR-10/100, Oxford Flowers-102, digits, synthetic.
 
 Files are read in their official layouts under one `data_dir` (the same root torchvision
 uses); nothing is downloaded:
@@ -7,6 +7,10 @@ uses); nothing is downloaded:
 * CIFAR-100: `cifar-100-python/{train,test,meta}` (the 100 `fine_labels`),
 * Flowers-102: `flowers-102/{jpg/image_00001.jpg..,imagelabels.mat,setid.mat}`;
   split "train" = `trnid`, "test" = `tstid` (the paper's use; `valid` is not used).
+
+`digits` needs no `data_dir`: scikit-learn's handwritten digits (1797 real 8x8 grey
+images, 10 classes), read from the data file the scikit-learn package ships (installed
+without its dependencies, never imported; see `DigitsDataset`).
 
 Integrity: with `verify=True` (the default) every CIFAR file and the two Flowers `.mat`
 files must match the official md5 sums (torchvision's); `verify=False` exists for the tiny
@@ -33,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-DATASETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102}
+DATASETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "digits": 10}
 """Dataset name -> number of classes."""
 
 SPLITS = ("train", "test")
@@ -104,11 +108,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike, split: str, image_size:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: valid names are {', '.join(DATASETS)}")
     _check_split(split)
-    if data_dir is None:
+    if data_dir is None and name != "digits":
         raise ValueError(f"data_dir is None for dataset {name!r}: pass the folder that holds "
                          "the files, or use synthetic_dataset for runs without data")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int (px), got {image_size!r}")
+    if name == "digits":
+        return DigitsDataset(split, image_size)
     transform = paper_transform(split, image_size)
     if name == "flowers102":
         return FlowersDataset(data_dir, split, transform, verify)
@@ -206,6 +212,66 @@ class FlowersDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits: 1797 8x8 images of 17 grey levels, 10 classes.
+
+    A fixed stratified split: per class, a seeded permutation (seed 0) holds out
+    round(count / 5) images for "test", 359 in all; "train" has the other 1438. Images
+    are scaled to [0, 1], normalised with the training pixels' mean and standard
+    deviation, upscaled to image_size (bilinear) and repeated to 3 channels. Training
+    images are shifted by up to one original pixel in each direction (zero padding), the
+    only augmentation: these are 8x8 glyphs.
+    """
+
+    HELD_OUT = 5     # one in HELD_OUT of every class is a test image
+
+    def __init__(self, split: str, image_size: int):
+        _check_split(split)
+        pixels, labels = read_digits()
+        test = np.zeros(len(labels), dtype=bool)
+        rng = np.random.default_rng(0)
+        for c in range(10):
+            members = np.flatnonzero(labels == c)
+            test[rng.permutation(members)[:round(len(members) / self.HELD_OUT)]] = True
+        keep = test if split == "test" else ~test
+        train_pixels = pixels[~test] / 16.0
+        self.mean, self.std = float(train_pixels.mean()), float(train_pixels.std())
+        self.images = torch.from_numpy((pixels[keep] / 16.0 - self.mean) / self.std).float().reshape(-1, 1, 8, 8)
+        self.labels = labels[keep].tolist()
+        self.split, self.image_size = split, image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.split == "train":
+            dx, dy = torch.randint(-1, 2, (2,)).tolist()
+            padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=(0 - self.mean) / self.std)
+            image = padded[:, 1 + dy:9 + dy, 1 + dx:9 + dx]
+        image = torch.nn.functional.interpolate(image[None], size=(self.image_size, self.image_size),
+                                                mode="bilinear", align_corners=False)[0]
+        return image.expand(3, -1, -1).contiguous(), self.labels[index]
+
+
+def read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(pixels float64 (1797, 64) in 0..16, labels int64 (1797,)) from scikit-learn's
+    `datasets/data/digits.csv.gz`, located without importing scikit-learn."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("dataset digits reads scikit-learn's data file, and scikit-learn is not "
+                                "installed: pip install --no-deps -r requirements-nodeps.txt")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: scikit-learn's digits data file is missing")
+    table = np.loadtxt(path, delimiter=",")
+    if table.shape != (1797, 65):
+        raise ValueError(f"{path}: expected 1797 rows of 64 pixels and a label, got shape {table.shape}")
+    return table[:, :64], table[:, 64].astype(np.int64)
 
 
 class SyntheticDataset(Dataset):

@@ -39,7 +39,8 @@ class CvConfig(TrainConfig):
     """resnext{D}_32x4d (paper family, 50 <= D <= 800), resnext50_32x4d, resnext101_32x8d
     (torchvision's), or resnext_tiny (tests and CPU runs)."""
     dataset: str = "flowers102"
-    """cifar10, cifar100 or flowers102; sets the number of classes."""
+    """cifar10, cifar100, flowers102 or digits (scikit-learn's 8x8 handwritten digits, no
+    data_dir); sets the number of classes."""
     data_dir: str | None = None
     """Folder holding cifar-10-batches-py/, cifar-100-python/ or flowers-102/ (as extracted
     from the official archives). None: synthetic images (learnable: noise plus a per-class
@@ -148,6 +149,10 @@ def _datasets(cfg: CvConfig):
         if cfg.data_dir is not None:
             log.warning("throughput mode times synthetic images: data_dir %s is not read", cfg.data_dir)
         return None, None
+    if cfg.dataset == "digits":
+        if cfg.data_dir is not None:
+            log.warning("dataset digits comes with scikit-learn: data_dir %s is not read", cfg.data_dir)
+        return tuple(load_dataset("digits", None, split, cfg.image_size) for split in ("train", "test"))
     if cfg.data_dir is None:
         # One synthetic set split in two, so that both parts share the class colours.
         held_out = max(cfg.synthetic_samples // 4, 1)

@@ -9,8 +9,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from cv.data import (CIFAR, DATASETS, CifarDataset, FlowersDataset, load_dataset,
-                     micro_batch_labels, micro_batch_loader, synthetic_dataset)
+from cv.data import (CIFAR, DATASETS, CifarDataset, DigitsDataset, FlowersDataset, load_dataset,
+                     micro_batch_labels, micro_batch_loader, read_digits, synthetic_dataset)
 from cv.fixtures import write_cifar_copy, write_flowers_copy
 
 
@@ -196,3 +196,33 @@ def test_synthetic_dataset():
     assert set(dataset.labels) <= set(range(5))
     images, labels = next(iter(micro_batch_loader(dataset, 4, 0, 1, seed=0, epoch=0)))
     assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
+
+
+def test_digits_reader():
+    """scikit-learn's digits: real 8x8 images of 17 grey levels; a fixed, stratified,
+    disjoint 4:1 split; normalised, upscaled, 3 channels; the same on every load."""
+    pixels, labels = read_digits()
+    assert pixels.shape == (1797, 64) and labels.shape == (1797,)
+    assert set(np.unique(pixels)) <= set(range(17)) and sorted(set(labels.tolist())) == list(range(10))
+    train, test = (load_dataset("digits", None, split, 32) for split in ("train", "test"))
+    assert (len(train), len(test)) == (1438, 359) and DATASETS["digits"] == 10
+    for c in range(10):
+        assert test.labels.count(c) == round(int((labels == c).sum()) / 5)
+        assert train.labels.count(c) + test.labels.count(c) == int((labels == c).sum())
+    rows = {tuple(row) for row in train.images.reshape(len(train), -1).tolist()}
+    assert sum(tuple(row) in rows for row in test.images.reshape(len(test), -1).tolist()) <= 5  # duplicates in the data only
+    assert abs(float(train.images.mean())) < 1e-6 and abs(float(train.images.std()) - 1) < 1e-3
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and isinstance(label, int)
+    assert torch.equal(image[0], image[1]) and torch.equal(test[0][0], DigitsDataset("test", 32)[0][0])
+    assert torch.equal(DigitsDataset("train", 16).images, train.images)
+
+
+def test_digits_augmentation_is_a_small_shift():
+    train = DigitsDataset("train", 8)
+    torch.manual_seed(0)
+    shifted = {tuple(train[3][0][0].flatten().tolist()) for _ in range(30)}
+    assert 2 <= len(shifted) <= 9                 # shifts of -1, 0, 1 pixels in x and y
+    loader = micro_batch_loader(train, 16, 0, 1, seed=0, epoch=0)
+    again = micro_batch_loader(train, 16, 0, 1, seed=0, epoch=0)
+    assert torch.equal(next(iter(loader))[0], next(iter(again))[0])

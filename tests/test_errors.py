@@ -124,7 +124,7 @@ def table(i):
         ("nlp", data, r"vocab.txt has \d+ tokens but the model's vocab_size is 50"),
         ("nlp", ["--data_dir", str(i / "pairs")], r"needs a WordPiece vocabulary: set tokenizer"),
         ("nlp", [*data, "--tokenizer", str(i / "nope.txt")], r"tokenizer: no WordPiece vocabulary at .*nope.txt"),
-        ("cv", ["--dataset", "mnist"], r"dataset must be one of cifar10, cifar100, flowers102, got 'mnist'"),
+        ("cv", ["--dataset", "mnist"], r"dataset must be one of cifar10, cifar100, flowers102, digits, got 'mnist'"),
         ("cv", ["--data_dir", str(i / "nowhere")], r"CIFAR file not found: .*nowhere/cifar-10-batches-py/data_batch_1"),
         ("cv", ["--data_dir", str(i / "cifar")], r"md5 mismatch for .*cifar-10-batches-py/data_batch_1"),
         ("cv", ["--data_dir", str(i / "cifar_broken"), "--verify_data", "false"],

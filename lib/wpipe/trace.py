@@ -20,8 +20,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-CATEGORIES = ("compute", "wait", "call")
-
 
 class Recorder:
     """Events of one rank. Times are perf_counter seconds from `origin`."""

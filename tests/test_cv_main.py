@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from cv.fixtures import write_cifar_copy
 from cv.main import CvConfig, make_task
 from launch import ROOT, run_ok
+from tool.replay import replay
 from wpipe import load_config
 
 MAIN = ROOT / "cv" / "main.py"
@@ -59,6 +60,13 @@ def test_trains_on_digits_and_writes_summary(tmp_path):
     assert summary["config"]["dataset"] == "digits" and summary["config"]["data_dir"] is None
     assert set(summary["eval"]) == {"test_top1"}
     assert summary["eval"]["test_top1"] > 0.3          # chance is 0.1; 0.56 here
+
+    # The same run through the single-process oracle (tool/replay.py): same data, initial
+    # weights and schedule, wpipe's rule applied literally, in one process.
+    replayed = replay(out, {})
+    assert replayed["method"] == "wpipe" and replayed["periods"] == 40
+    assert replayed["engine_max_abs_diff"] < 1e-5      # float32 rounding; 4.8e-7 here
+    assert abs(replayed["eval"]["test_top1"] - summary["eval"]["test_top1"]) <= 1 / 128
 
 
 def test_throughput_on_synthetic_images(tmp_path):

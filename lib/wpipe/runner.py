@@ -8,9 +8,10 @@ train (+ evaluation after each epoch) or throughput -> summary.json.
 `<output_dir>/summary.json` (written by rank 0, atomically, at the end) holds method,
 pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
 (metrics of the last evaluation), memory (one report per rank), history (per-epoch
-metrics and per-period losses) and the resolved config, which is also written beside it
-as config.yaml. With `trace: true` it also holds `timeline` (per rank busy_s, wait_s,
-window_s, bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
+metrics and per-period losses) and the resolved config, which is also written beside it as
+config.yaml when training starts (so that a run that dies can be replayed: tool/replay.py).
+With `trace: true` it also holds `timeline` (per rank busy_s, wait_s, window_s,
+bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
 
 Checkpoints (checkpoint.py): training runs in chunks that end at every `checkpoint_every`-th
 update (counted over the whole run) and at epoch ends; after a chunk the runner may write a
@@ -224,6 +225,8 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
                  resumed["runner"]["epoch"] + 1, resumed["runner"]["period_in_epoch"], found[1]["period"])
 
     def run() -> dict | None:
+        if dist.get_rank() == 0:   # before training, so that a run that dies can still be replayed
+            _write_config(Path(cfg.output_dir), cfg)
         if cfg.mode == "throughput":
             result = _throughput(cfg, task, pipe)
         else:
@@ -451,20 +454,27 @@ def _summarize(cfg, pipe, result) -> dict:
     return summary
 
 
-def _write_summary(out_dir: Path, cfg, summary: dict) -> None:
+def _write_config(out_dir: Path, cfg) -> None:
     import yaml
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _write_summary(out_dir: Path, cfg, summary: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = summary.pop("trace", None)
     if trace is not None:
         log.info("wrote %s", write_trace(out_dir / "trace.json", trace, cfg))
-    for name, text in (("config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)),
-                       ("summary.json", json.dumps(summary, indent=2))):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     log.info("samples/s %s, final loss %s; wrote %s", _fmt(summary["samples_per_second"]),
              _fmt(summary["final_loss"]), out_dir / "summary.json")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fmt(x) -> str:

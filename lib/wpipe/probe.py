@@ -133,8 +133,8 @@ class Loopback:
             kind, partition, micro_batch = key
             raise RuntimeError(f"probe of device {self.device_index}: op {partition}{kind}{micro_batch} sends "
                                f"{_spell(specs)}, but the forward on the meta device gave "
-                               f"{_spell(self.message(kind, partition))}: the partitions' outputs must "
-                               f"not depend on the values of their inputs")
+                               f"{_spell(self.message(kind, partition))}: a partition whose outputs depend "
+                               f"on its inputs' values, or that builds differently there, cannot be probed")
         self._count(self.sent, key, specs)
 
     def finish(self, waiter: str = "end of train") -> None:
@@ -206,7 +206,7 @@ def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, fl
             for p, times in seconds.items()}
 
 
-def check_launch(cfg) -> None:
+def check_launch() -> None:
     """Probe mode runs in a plain process: refuse torchrun's multi-process launch."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:

@@ -196,6 +196,8 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     returns the summary on rank 0. Uses a process group that exists already (and leaves it)."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_class, path, overrides)
+    if cfg.mode == "probe":
+        probe.check_launch()
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
@@ -211,7 +213,6 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     if cfg.mode == "probe":   # a plain process: no process group
-        probe.check_launch(cfg)
         return lambda: probe.run(cfg, task, total_periods)
     owns_group = not dist.is_initialized()
     backend = init_distributed(cfg.backend, cfg.timeout_s)

@@ -123,7 +123,7 @@ def make_task(cfg: CvConfig) -> Task:
 
     lr = cfg.lr * (mbs * cfg.period * replicas / REFERENCE_BATCH if cfg.lr_scale_by_batch else 1)
     source = f"from {cfg.pretrained}" if cfg.pretrained else "random init"
-    data = "synthetic" if cfg.mode == "throughput" or cfg.data_dir is None else cfg.data_dir
+    data = "synthetic" if cfg.mode != "train" or cfg.data_dir is None else cfg.data_dir
     return Task(
         build_partition=lambda i: build_resnext_partition(i, num_partitions, cfg.model, cfg.num_classes,
                                                           cfg.pretrained, cfg.seed, cfg.balance),
@@ -144,10 +144,10 @@ def make_task(cfg: CvConfig) -> Task:
 
 
 def _datasets(cfg: CvConfig):
-    """(training set, test set); none for throughput, which makes its own images."""
-    if cfg.mode == "throughput":
+    """(training set, test set); none for throughput and probe, which make their own images."""
+    if cfg.mode != "train":
         if cfg.data_dir is not None:
-            log.warning("throughput mode times synthetic images: data_dir %s is not read", cfg.data_dir)
+            log.warning("%s mode times synthetic images: data_dir %s is not read", cfg.mode, cfg.data_dir)
         return None, None
     if cfg.dataset == "digits":
         if cfg.data_dir is not None:

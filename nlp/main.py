@@ -113,7 +113,7 @@ def make_task(cfg: NlpConfig) -> Task:
                                                 for i in range(count)])
 
     source = f"from {checkpoint}" if checkpoint else "random init"
-    data = "synthetic" if cfg.mode == "throughput" or cfg.data_dir is None else cfg.data_dir
+    data = "synthetic" if cfg.mode != "train" or cfg.data_dir is None else cfg.data_dir
     return Task(
         build_partition=lambda i, block_costs=None: build_bert_partition(i, num_partitions, config, checkpoint,
                                                                          cfg.seed, block_costs),
@@ -148,7 +148,7 @@ def _checkpoint(cfg: NlpConfig) -> Path | None:
 
 def _vocabulary(cfg: NlpConfig, checkpoint: Path | None) -> Path | None:
     """The WordPiece vocabulary (file or folder) that tokenizes data_dir; None without data."""
-    if cfg.data_dir is None or cfg.mode == "throughput":
+    if cfg.data_dir is None or cfg.mode != "train":
         return None
     source = Path(cfg.tokenizer) if cfg.tokenizer else checkpoint
     if source is None:
@@ -198,10 +198,10 @@ def _bert_config(cfg: NlpConfig, num_labels: int, checkpoint: Path | None, vocab
 
 
 def _datasets(cfg: NlpConfig, spec: glue.GlueTask, config, vocab: Path | None):
-    """(training set, {dev split: set}); none for throughput, which makes its own."""
-    if cfg.mode == "throughput":
+    """(training set, {dev split: set}); none for throughput and probe, which make their own."""
+    if cfg.mode != "train":
         if cfg.data_dir is not None:
-            log.warning("throughput mode times synthetic data: data_dir %s is not read", cfg.data_dir)
+            log.warning("%s mode times synthetic data: data_dir %s is not read", cfg.mode, cfg.data_dir)
         return None, {}
     if cfg.data_dir is None:
         def make(count, seed):

@@ -145,7 +145,8 @@ class BertPartition(nn.Module):
 
 def build_bert_partition(index: int, num_partitions: int, config: BertConfig, checkpoint=None,
                          seed: int = 0, block_costs=None) -> BertPartition:
-    """Build only partition ``index`` of ``num_partitions`` (on CPU, fp32).
+    """Build only partition ``index`` of ``num_partitions`` (on CPU, fp32; on the meta device,
+    uninitialised, when that is the default device).
 
     Without ``checkpoint`` every block is initialised as Hugging Face initialises BERT
     (normal(0, initializer_range) weights, zero biases, unit LayerNorm, zero padding row)
@@ -160,6 +161,8 @@ def build_bert_partition(index: int, num_partitions: int, config: BertConfig, ch
     layers = _layer_ranges(config.num_hidden_layers, num_partitions, block_costs)[index]
     with torch.device("meta"):  # allocate once below, without torch's default init
         part = BertPartition(config, layers, first=index == 0, last=index == num_partitions - 1)
+    if torch.get_default_device().type == "meta":  # shapes only (probe mode infers messages)
+        return part
     part.to_empty(device="cpu")
     blocks = {}
     if part.first:

@@ -108,6 +108,10 @@ def table(i):
         ("nlp", ["--checkpoint_every", "-1"], r"checkpoint_every must be >= 0, got -1"),
         ("nlp", ["--keep_checkpoints", "-2"], r"keep_checkpoints must be >= 0, got -2"),
         ("nlp", ["--max_periods_per_epoch", "0"], r"max_periods_per_epoch must be >= 1 or null, got 0"),
+        ("nlp", ["--mode", "probe", "--probe_device", "2"],
+         r"probe_device must be a device position 0 \.\. 1 \(pipeline_depth 2\) or null \(every device\), got 2"),
+        ("nlp", ["--mode", "probe", "--probe_periods", "0"], r"probe_periods must be >= 1, got 0"),
+        ("cv", ["--mode", "probe", "--probe_device", "-1"], r"probe_device must be a device position 0 \.\. 1"),
         ("nlp", ["--mode", "throughput", "--resume", "auto"], r"resume applies to mode train, not throughput"),
         ("nlp", ["--task", "sst2"], r"task must be one of mnli, qqp, got 'sst2'"),
         ("nlp", ["--num_layers", "3"], r"num_layers=3 is fewer than the 4 partitions of wpipe with pipeline_depth=2"),
@@ -199,6 +203,15 @@ def test_world_size_on_a_one_rank_group(tmp_path, capsys, monkeypatch):
         if dist.is_initialized():
             dist.destroy_process_group()
     assert "world size is 1 but pipeline_depth 2 x data_parallel 1 = 2: launch 2 processes" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = one_error_line(capsys, NlpConfig, nlp_task, [*NLP, "--mode", "probe", "--output_dir", str(tmp_path / "out")])
+    assert "mode probe runs as one plain process (python cv/main.py or nlp/main.py --mode probe ...), " \
+           "not under torchrun: WORLD_SIZE is 2" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -56,26 +56,28 @@ class Pipeline:
     `build_partition(i)` is called only for this rank's partitions; `make_optimizer(params)`
     once per local partition; `make_lr_scheduler(optimizer)`, if given, is stepped after
     every update of that partition.
+
+    With `loopback` (probe.Loopback) it runs one device position of replica 0 in a plain
+    process instead, no process group: the same ops, with every message to or from another
+    device going through the loopback, and no data-parallel all-reduce.
     """
 
     def __init__(self, build_partition: Callable[[int], nn.Module], loss_fn: Callable,
                  make_optimizer: Callable, cfg: PipelineConfig, *,
-                 make_lr_scheduler: Callable | None = None):
+                 make_lr_scheduler: Callable | None = None, loopback=None):
         cfg.validate()
-        if not dist.is_initialized():
-            raise RuntimeError("torch.distributed is not initialised: launch with torchrun and call "
-                               "wpipe.init_distributed() before building a Pipeline")
         self.cfg = cfg
         self.topology = Topology.from_config(cfg)
-        self.rank = dist.get_rank()
-        if dist.get_world_size() != self.topology.world_size:
-            raise ValueError(f"world size is {dist.get_world_size()} but pipeline_depth {cfg.pipeline_depth} "
-                             f"x data_parallel {cfg.data_parallel} = {self.topology.world_size}: launch "
-                             f"{self.topology.world_size} processes or change the two fields")
-        self.replica, self.device_index = self.topology.coordinates(self.rank)
-        backend = dist.get_backend()
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-                       else torch.device("cpu"))
+        if loopback is None:
+            backend = self._check_process_group()
+            self.rank = dist.get_rank()
+            self.replica, self.device_index = self.topology.coordinates(self.rank)
+            self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                           else torch.device("cpu"))
+        else:   # probe mode: one device of replica 0, alone (probe.py)
+            self.replica, self.device_index = 0, loopback.device_index
+            self.rank = self.topology.rank_of(0, self.device_index)
+            self.device = loopback.device
         self.num_partitions = self.topology.num_partitions
         self.last_partition = self.num_partitions - 1
         self.loss_fn = loss_fn
@@ -92,17 +94,31 @@ class Pipeline:
         self.lr_schedulers = ({p: make_lr_scheduler(v.optimizer) for p, v in self.versions.items()}
                               if make_lr_scheduler else {})
 
-        groups = create_groups(self.topology, self.rank, backend)
-        self.dp_group = groups.data_parallel
         self.dp_ranks = [self.topology.rank_of(r, self.device_index) for r in range(cfg.data_parallel)]
-        self.trace = Recorder(cfg.trace, self.rank)
-        self.links = Links(self.rank, groups.streams, self.device, cfg.timeout_s, self.trace)
-        if cfg.trace:
-            self.trace.set_origin(common_origin())
+        self.trace = Recorder(cfg.trace, self.rank, synchronize=loopback is not None and self.device.type == "cuda")
+        if loopback is None:
+            groups = create_groups(self.topology, self.rank, backend)
+            self.dp_group = groups.data_parallel
+            self.links = Links(self.rank, groups.streams, self.device, cfg.timeout_s, self.trace)
+            if cfg.trace:
+                self.trace.set_origin(common_origin())
+        else:   # no peers: the loopback stands in for them, and no all-reduce runs
+            self.dp_group, self.links = None, loopback
 
         self.stash_bytes = 0
         self.stash_peak_bytes = 0
         self._periods_done = 0   # periods trained by earlier calls of train()
+
+    def _check_process_group(self) -> str:
+        """The backend of the initialised process group, whose size must be N x D."""
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: launch with torchrun and call "
+                               "wpipe.init_distributed() before building a Pipeline")
+        if dist.get_world_size() != self.topology.world_size:
+            raise ValueError(f"world size is {dist.get_world_size()} but pipeline_depth {self.cfg.pipeline_depth} "
+                             f"x data_parallel {self.cfg.data_parallel} = {self.topology.world_size}: launch "
+                             f"{self.topology.world_size} processes or change the two fields")
+        return dist.get_backend()
 
     @property
     def computes_loss(self) -> bool:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, nonfinite
+from . import checkpoint, nonfinite, probe
 from .preemption import Preempted, Signals
 from .config import PipelineConfig, load_config
 from .engine import Pipeline
@@ -56,7 +56,7 @@ from .topology import init_distributed
 from .trace import timeline_summary, write_trace
 
 log = logging.getLogger("wpipe")
-MODES = ("train", "throughput")
+MODES = ("train", "throughput", "probe")
 INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 """What setting up a run raises for bad input (bugs there look the same: WPIPE_DEBUG=1)."""
 
@@ -64,7 +64,8 @@ INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 @dataclass
 class TrainConfig(PipelineConfig):
     mode: str = "train"
-    """train: epochs with evaluation after each; throughput: timed periods on synthetic data."""
+    """train: epochs with evaluation after each; throughput: timed periods on synthetic data;
+    probe: one process runs each device's op list alone and writes probe.json (probe.py)."""
     output_dir: str = "runs/default"
     """Where summary.json and config.yaml go (created by rank 0)."""
     seed: int = 42
@@ -84,6 +85,11 @@ class TrainConfig(PipelineConfig):
     """throughput mode: periods timed after the warm-up."""
     throughput_warmup_periods: int = 3
     """Periods excluded from timing (also in train mode's samples_per_second)."""
+    probe_periods: int = 3
+    """probe mode: periods timed (medians) after throughput_warmup_periods untimed ones."""
+    probe_device: int | None = None
+    """probe mode: the device position to probe (0 .. pipeline_depth - 1); None: every
+    device of replica 0, one after another."""
     log_every: int = 10
     """Log a line every this many periods."""
     checkpoint_every: int = 0
@@ -104,7 +110,7 @@ class TrainConfig(PipelineConfig):
         super().validate()
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("micro_batch_size", "epochs", "throughput_periods", "log_every"):
+        for name in ("micro_batch_size", "epochs", "throughput_periods", "probe_periods", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.throughput_warmup_periods < 0 or self.warmup_periods < 0:
@@ -112,6 +118,9 @@ class TrainConfig(PipelineConfig):
         for name in ("checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.probe_device is not None and not 0 <= self.probe_device < self.pipeline_depth:
+            raise ValueError(f"probe_device must be a device position 0 .. {self.pipeline_depth - 1} "
+                             f"(pipeline_depth {self.pipeline_depth}) or null (every device), got {self.probe_device}")
         if self.max_periods_per_epoch is not None and self.max_periods_per_epoch < 1:
             raise ValueError(f"max_periods_per_epoch must be >= 1 or null, got {self.max_periods_per_epoch}")
         if self.on_nonfinite not in nonfinite.MODES:
@@ -176,7 +185,8 @@ def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = No
 
 
 def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> dict | None:
-    """Run an entry point under torchrun. Returns the summary on rank 0."""
+    """Run an entry point under torchrun (probe mode: in this process). Returns the summary
+    on rank 0 (probe mode: probe.json's content)."""
     return setup(config_class, make_task, argv)()
 
 
@@ -187,6 +197,8 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     returns the summary on rank 0. Uses a process group that exists already (and leaves it)."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_class, path, overrides)
+    if cfg.mode == "probe":
+        probe.check_launch()
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
@@ -201,6 +213,8 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
             f"{total_periods // cfg.epochs}: the training data or max_periods_per_epoch changed")
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    if cfg.mode == "probe":   # a plain process: no process group
+        return lambda: probe.run(cfg, task, total_periods)
     owns_group = not dist.is_initialized()
     backend = init_distributed(cfg.backend, cfg.timeout_s)
     guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
@@ -245,6 +259,8 @@ def _total_periods(cfg, task) -> int:
     """Updates over the whole run (for learning-rate schedules)."""
     if cfg.mode == "throughput":
         return cfg.throughput_periods + cfg.throughput_warmup_periods
+    if cfg.mode == "probe":
+        return cfg.probe_periods + cfg.throughput_warmup_periods
     return cfg.epochs * _periods_per_epoch(cfg, len(task.train_data(0, 0)))
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 class Recorder:
     """Events of one rank. Times are perf_counter seconds from `origin`."""
 
-    def __init__(self, enabled: bool, rank: int):
+    def __init__(self, enabled: bool, rank: int, synchronize: bool = False):
         self.enabled = enabled
         self.rank = rank
+        self.synchronize = synchronize   # wait for CUDA work at both ends of a span (probe mode)
         self.origin = time.perf_counter()
         self.events: list[tuple[str, str, float, float, dict | None]] = []   # (cat, name, start, end, args)
 
@@ -43,11 +44,18 @@ class Recorder:
 
     @contextmanager
     def _span(self, category, name, args):
+        self._synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._synchronize()
             self.events.append((category, str(name), start, time.perf_counter(), args))
+
+    def _synchronize(self) -> None:
+        if self.synchronize:
+            import torch
+            torch.cuda.synchronize()
 
     def chrome_events(self, label: str | None = None) -> list[dict]:
         """This rank's events in Chrome trace-event form, a process-name record first,

@@ -1,0 +1,265 @@
+"""Probe mode: one device of a pipeline, measured in a plain process (no torchrun).
+
+A device of an 8- or 64-device run is one process running its own op list, so its memory
+and op times can be measured alone. For a device position s of replica 0, `probe_device`
+builds only that device's partitions and runs its op list through the real `Pipeline`,
+whose peers are replaced by a `Loopback`: every message the device receives is handed back
+as fresh tensors of exactly the shapes, dtypes and gradient flags its neighbour would send,
+and every message it sends is checked against them and dropped. Those messages are inferred
+once (`infer_outputs`) by a forward of every partition on the meta device: exact shapes for
+any model size, no memory and no compute. No data-parallel all-reduce runs (the device's
+weights, stash and optimizer state are the same with one; a cost model times it).
+
+`run` probes the configured device (`probe_device`) or every device of replica 0, one after
+another, and writes `<output_dir>/probe.json`:
+
+* top level: method, pipeline_depth, data_parallel, micro_batch_size,
+  micro_batches_per_update, recompute, rank_layout, device_name ("cpu" or the CUDA device's
+  name), threads (CPU threads), periods (timed), warmup_periods (run before them, untimed),
+  model (the entry point's description), config (every field), devices;
+* `devices`: per probed device `device`, `partitions`, `weights_bytes`, `activations_bytes`,
+  `optimizer_state_bytes` (as in summary.json's memory: Pipeline.memory_report), `peak_bytes`
+  and `peak_kind` (cuda_max_allocated, or cpu_max_rss: the process's peak resident set since
+  this device's probe began, reset through /proc/self/clear_refs; `cpu_max_rss_since_start`
+  where that reset is refused), and `ops`: per partition (`partition`) the median seconds of
+  `forward_s`, `backward_s` (the backward alone), `recompute_s` (the forward run again before
+  a backward with recompute; 0 without), `update_s` (optimizer step), over the timed
+  periods, and the bytes one micro-batch's ops move between devices: `forward_recv_bytes`
+  (inputs from the previous partition's device), `forward_send_bytes` (outputs to the next
+  partition's device), `backward_recv_bytes` (output gradients from the next partition's
+  device), `backward_send_bytes` (input gradients to the previous partition's device); 0
+  where the neighbour partition is on the same device or there is none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import schedule
+from .comm import CommError
+from .engine import Pipeline
+from .topology import Topology
+
+log = logging.getLogger("wpipe")
+TIMES = {"F": "forward_s", "B": "backward_s", "U": "update_s"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One tensor of a message."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Spec:
+        return cls(tuple(t.shape), t.dtype, t.requires_grad)
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+def infer_outputs(build_partition: Callable, num_partitions: int, inputs: tuple) -> list[list[Spec]]:
+    """Per partition, the tensors its forward returns for the micro-batch `inputs` (as a
+    Pipeline sends them: floats that need gradients are flagged), from a forward of every
+    partition in turn on the meta device, in training mode. Partition i+1 gets partition i's
+    outputs as leaves carrying their flags, as a received message is."""
+    x = tuple(t.to("meta") for t in inputs)
+    outputs = []
+    for p in range(num_partitions):
+        with torch.device("meta"):
+            module = build_partition(p)
+        out = module.to("meta").train()(*x)   # .to: a builder may ignore the default device
+        out = out if isinstance(out, tuple) else (out,)
+        outputs.append([Spec.of(t) for t in out])
+        x = tuple(t.detach().requires_grad_(t.requires_grad) for t in out)
+    return outputs
+
+
+class Loopback:
+    """Stands in for `comm.Links` on device `device_index` of a pipeline without peers.
+
+    `outputs` (from `infer_outputs`) says what every partition sends forward; a backward
+    message carries the gradients of the previous partition's outputs that need them.
+    Receives return fresh tensors (floats drawn from a normal distribution, other dtypes
+    ones), sends are checked against the inferred message and dropped. Counts the bytes of
+    every message by stream: `sent` and `received` map (kind, partition) to the largest
+    message's bytes."""
+
+    def __init__(self, topology: Topology, device_index: int, outputs: list[list[Spec]],
+                 device: torch.device, seed: int = 0):
+        self.topology, self.device_index, self.outputs, self.device = topology, device_index, outputs, device
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.expected: set[tuple] = set()
+        self.sent: dict[tuple[str, int], int] = {}
+        self.received: dict[tuple[str, int], int] = {}
+
+    def message(self, kind: str, partition: int) -> list[Spec]:
+        """The tensors of a message on stream (kind, partition)."""
+        if kind == "F":
+            return self.outputs[partition]
+        return [Spec(s.shape, s.dtype, False) for s in self.outputs[partition - 1] if s.requires_grad]
+
+    def expect(self, keys: list[tuple]) -> None:
+        self.expected = set(keys)
+
+    def arrived(self, key: tuple) -> bool:
+        return True
+
+    def recv(self, key: tuple, waiter: str) -> tuple[torch.Tensor, ...]:
+        if key not in self.expected:
+            raise CommError(f"probe of device {self.device_index}, op {waiter}: message {key} is not "
+                            f"among those the schedule says this device receives")
+        self.expected.discard(key)
+        specs = self.message(*key[:2])
+        self._count(self.received, key, specs)
+        return tuple(self._make(s) for s in specs)
+
+    def send(self, key: tuple, tensors: tuple[torch.Tensor, ...]) -> None:
+        specs = [Spec.of(t) for t in tensors]
+        if specs != self.message(*key[:2]):
+            kind, partition, micro_batch = key
+            raise RuntimeError(f"probe of device {self.device_index}: op {partition}{kind}{micro_batch} sends "
+                               f"{_spell(specs)}, but the forward on the meta device gave "
+                               f"{_spell(self.message(kind, partition))}: a partition whose outputs depend "
+                               f"on its inputs' values, or that builds differently there, cannot be probed")
+        self._count(self.sent, key, specs)
+
+    def finish(self, waiter: str = "end of train") -> None:
+        if self.expected:
+            raise CommError(f"probe of device {self.device_index}, {waiter}: messages {sorted(self.expected)} "
+                            f"were expected but never asked for")
+
+    def _make(self, spec: Spec) -> torch.Tensor:
+        if spec.dtype.is_floating_point:
+            t = torch.randn(spec.shape, dtype=spec.dtype, device=self.device, generator=self.generator)
+        else:
+            t = torch.ones(spec.shape, dtype=spec.dtype, device=self.device)
+        return t.requires_grad_(spec.requires_grad)
+
+    @staticmethod
+    def _count(counts: dict, key: tuple, specs: list[Spec]) -> None:
+        counts[key[:2]] = max(counts.get(key[:2], 0), sum(s.nbytes for s in specs))
+
+
+def probe_device(s: int, cfg, task, build_partition: Callable, outputs: list[list[Spec]],
+                 data, total_periods: int, device: torch.device) -> dict:
+    """Run device `s`'s op list on `data` (warm-up periods, then timed ones) through a
+    Pipeline with a Loopback; return its entry of probe.json (module docstring)."""
+    peak_kind = _reset_peak(device)
+    torch.manual_seed(cfg.seed)
+    topology = Topology.from_config(cfg)
+    loopback = Loopback(topology, s, outputs, device, seed=cfg.seed)
+    pipe = Pipeline(build_partition, task.loss_fn, task.make_optimizer,
+                    dataclasses.replace(cfg.pipeline_fields(), trace=True),
+                    make_lr_scheduler=lambda optimizer: task.make_lr_scheduler(optimizer, total_periods),
+                    loopback=loopback)
+    pipe.train(data)
+    memory = pipe.memory_report()
+    times = op_times(pipe.trace.events, cfg.period, cfg.throughput_warmup_periods)
+    ops = []
+    for p in sorted(pipe.local_partitions):
+        ops.append({"partition": p, **times[p],
+                    "forward_recv_bytes": loopback.received.get(("F", p - 1), 0),
+                    "forward_send_bytes": loopback.sent.get(("F", p), 0),
+                    "backward_recv_bytes": loopback.received.get(("B", p + 1), 0),
+                    "backward_send_bytes": loopback.sent.get(("B", p), 0)})
+    entry = {"device": s, "partitions": memory["partitions"],
+             **{k: memory[k] for k in ("weights_bytes", "activations_bytes", "optimizer_state_bytes", "peak_bytes")},
+             "peak_kind": memory["peak_kind"] if peak_kind is None else peak_kind, "ops": ops}
+    log.info("probe of device %d (partitions %s): weights %.4g MB, activations %.4g MB, optimizer state "
+             "%.4g MB, peak %.4g MB (%s)", s, entry["partitions"], entry["weights_bytes"] / 1e6,
+             entry["activations_bytes"] / 1e6, entry["optimizer_state_bytes"] / 1e6, entry["peak_bytes"] / 1e6,
+             entry["peak_kind"])
+    return entry
+
+
+def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, float]]:
+    """Per partition, the median seconds of its forward, backward, recompute and update ops
+    in the trace `events` (Recorder.events) of periods >= `warmup_periods`."""
+    seconds: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    updates: dict[int, int] = defaultdict(int)
+    for category, name, start, end, _ in sorted(events, key=lambda e: e[2]):
+        if category != "compute":
+            continue
+        op = schedule.parse_op(name.removeprefix("recompute "))
+        if op.kind == "U":
+            t, updates[op.partition] = updates[op.partition], updates[op.partition] + 1
+        else:
+            t = op.micro_batch // period
+        if t >= warmup_periods:
+            seconds[op.partition]["recompute_s" if name.startswith("recompute ") else TIMES[op.kind]].append(end - start)
+    return {p: {key: statistics.median(times[key]) if times[key] else 0.0
+                for key in ("forward_s", "backward_s", "recompute_s", "update_s")}
+            for p, times in seconds.items()}
+
+
+def check_launch() -> None:
+    """Probe mode runs in a plain process: refuse torchrun's multi-process launch."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise ValueError(f"mode probe runs as one plain process (python cv/main.py or nlp/main.py "
+                         f"--mode probe ...), not under torchrun: WORLD_SIZE is {world}; it probes "
+                         f"the devices one after another (probe_device picks one)")
+
+
+def run(cfg, task, total_periods: int) -> dict:
+    """Probe the devices; write <output_dir>/probe.json (module docstring); return its content."""
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if torch.cuda.is_available() and cfg.backend != "gloo" else torch.device("cpu"))
+    build_partition = task.build_partition
+    if task.measure_block_costs is not None:
+        build_partition = functools.partial(task.build_partition, block_costs=task.measure_block_costs())
+    data = task.synthetic_data(total_periods * cfg.period, 0)
+    inputs = data[0][0]
+    outputs = infer_outputs(build_partition, schedule.num_partitions(cfg.method, cfg.pipeline_depth),
+                            tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,))
+    devices = range(cfg.pipeline_depth) if cfg.probe_device is None else [cfg.probe_device]
+    report = {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
+              "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
+              "recompute": cfg.recompute, "rank_layout": cfg.rank_layout,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "periods": cfg.probe_periods,
+              "warmup_periods": cfg.throughput_warmup_periods, "model": task.describe,
+              "config": dataclasses.asdict(cfg),
+              "devices": [probe_device(s, cfg, task, build_partition, outputs, data, total_periods, device)
+                          for s in devices]}
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".probe.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "probe.json")
+    log.info("wrote %s", out_dir / "probe.json")
+    return report
+
+
+def _reset_peak(device: torch.device) -> str | None:
+    """Start a fresh peak measurement, after freeing what earlier probes left. Returns the
+    peak's kind when it differs from Pipeline.memory_report's (a reset refused)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # Linux: peak RSS := current RSS
+        return None
+    except OSError:
+        return "cpu_max_rss_since_start"
+
+
+def _spell(specs: list[Spec]) -> str:
+    return "(" + ", ".join(f"{str(s.dtype).removeprefix('torch.')}{list(s.shape)}"
+                           f"{' requires_grad' if s.requires_grad else ''}" for s in specs) + ")"

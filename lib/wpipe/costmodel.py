@@ -154,8 +154,6 @@ def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout:
                        rates=None) -> float:
     """Predicted samples/s of the whole run (all replicas) in steady state."""
     period = schedule.default_period(method, depth)
-    count = PERIODS * period
-    ops, report = _plan(method, depth, period, count)
     n = len(parts)
     times = [op_seconds(p, hw, recompute, rates) for p in parts]
     topology = Topology(method, depth, data_parallel, rank_layout)
@@ -166,9 +164,21 @@ def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout:
         backward_transfer[p] = link.seconds(parts[p + 1].input_grad_bytes)
     allreduce = [hw.allreduce_seconds([topology.rank_of(r, topology.device_of(p)) for r in range(data_parallel)],
                                       parts[p].param_bytes) for p in range(n)]
+    seconds = _period_seconds(method, depth, tuple(times), tuple(forward_transfer), tuple(backward_transfer),
+                              tuple(allreduce))
+    return data_parallel * period * b / seconds
+
+
+@lru_cache(maxsize=4096)
+def _period_seconds(method, depth, times, forward_transfer, backward_transfer, allreduce) -> float:
+    """Steady-state seconds per period (simulated; the same costs give the same answer, so
+    rank layouts that put every link on the same kind of wire are simulated once)."""
+    period = schedule.default_period(method, depth)
+    count = PERIODS * period
+    ops, report = _plan(method, depth, period, count)
     sim = simulate(ops, method, depth, count, [t[0] for t in times], [t[1] for t in times],
-                   forward_transfer, [t[2] for t in times], micro_batches_per_update=period,
-                   backward_transfer_cost=backward_transfer, allreduce_cost=allreduce,
+                   list(forward_transfer), [t[2] for t in times], micro_batches_per_update=period,
+                   backward_transfer_cost=list(backward_transfer), allreduce_cost=list(allreduce),
                    defer_updates=True, report=report)
     ends = {}
     for d, device_ops in enumerate(ops):
@@ -176,8 +186,7 @@ def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout:
             if op.kind == "U":
                 ends.setdefault(op.partition, []).append(sim.end[d][i])
     period_ends = [max(v[t] for v in ends.values()) for t in range(PERIODS)]
-    seconds = (period_ends[PERIODS - 2] - period_ends[0]) / (PERIODS - 2)
-    return data_parallel * period * b / seconds
+    return (period_ends[PERIODS - 2] - period_ends[0]) / (PERIODS - 2)
 
 
 def _slowest_link(topology: Topology, hw: Hardware, a: int, b: int):

@@ -175,6 +175,31 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
     return best
 
 
+def probe_rates(probe: dict, blocks: list[BlockCost], uniform_plan) -> tuple[float, float]:
+    """(forward, backward) FLOP/s that a probe measured (probe.json of probe mode: its
+    method, pipeline_depth, micro_batch_size, recompute, and per device per partition
+    forward_s and backward_s, recomputation included): the FLOPs of those partitions (the
+    runtime's uniform split) over the seconds measured."""
+    for key in ("method", "pipeline_depth", "micro_batch_size", "devices"):
+        if key not in probe:
+            raise ValueError(f"probe profile: field {key!r} is missing")
+    method, depth, b = probe["method"], probe["pipeline_depth"], probe["micro_batch_size"]
+    ranges = ranges_of([x.name for x in blocks], uniform_plan(schedule.num_partitions(method, depth)))
+    parts = costmodel.partition_costs(blocks, ranges, b)
+    flops = {"forward": 0.0, "backward": 0.0}
+    seconds = {"forward": 0.0, "backward": 0.0}
+    for device in probe["devices"]:
+        for p, op in device["ops"].items():
+            part = parts[int(p)]
+            seconds["forward"] += op["forward_s"]
+            seconds["backward"] += op["backward_s"]
+            flops["forward"] += part.forward_flops
+            flops["backward"] += part.backward_flops + (part.forward_flops if probe.get("recompute") else 0.0)
+    if not all(seconds.values()):
+        raise ValueError("probe profile: no forward or backward seconds measured")
+    return flops["forward"] / seconds["forward"], flops["backward"] / seconds["backward"]
+
+
 def _equal_ranges(n: int, k: int) -> list[range]:
     from .partition import uniform
     return uniform(n, k)

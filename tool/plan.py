@@ -2,7 +2,7 @@
 
     python tool/plan.py --config network_conf/X.yaml --hardware network_conf/hardware/H.yaml
                         --gpus G [--methods LIST] [--micro-batches LIST] [--recompute on,off]
-                        [--splits uniform,balanced] [--top K] [--json FILE]
+                        [--splits uniform,balanced] [--top K] [--largest-only] [--json FILE]
 
 For each method it enumerates pipeline depth x data parallel = G, micro-batch sizes 1..512,
 recomputation on and off, both rank layouts and two splits (wpipe.plan), keeps those whose
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recompute", default="off,on", help="off, on or off,on")
     parser.add_argument("--splits", default=",".join(planner.SPLITS))
     parser.add_argument("--top", type=int, default=15, help="ranked candidates printed")
+    parser.add_argument("--largest-only", action="store_true",
+                        help="time only the largest fitting micro-batch of each configuration (faster)")
     parser.add_argument("--json", help="write the fitting candidates here")
     parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"),
                         help="where measured block costs are kept ('' for none)")
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    candidates = planner.plan(blocks, model.uniform_plan, hw, args.gpus, methods, sizes, recompute, splits, rates)
+    candidates = planner.plan(blocks, model.uniform_plan, hw, args.gpus, methods, sizes, recompute, splits, rates,
+                              args.largest_only)
     print(f"{model.description} on {args.gpus} devices; op times: "
           + ("FLOP/s measured by the probe " + hw.profile if rates else
              f"FLOP counts at {hw.efficiency:.0%} of {hw.peak_tflops:g} TFLOP/s" if hw.op_times == "flops"

@@ -115,8 +115,9 @@ def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tup
     first block's inputs for a micro-batch of b samples, as the engine gives them to
     partition 0 (the task's own data). With `timed_micro_batch`, also time each kind's
     forward, backward and optimizer step at that size (median of `repeats`, in this process)."""
-    runs = {b: _run_chain(blocks, make_inputs(b), None) for b in MICRO_BATCHES}
-    timed = _run_chain(blocks, make_inputs(timed_micro_batch), repeats) if timed_micro_batch else None
+    runs = {b: _run_chain(blocks, make_inputs(b)) for b in MICRO_BATCHES}
+    timed = (_run_chain(blocks, make_inputs(timed_micro_batch), (repeats, make_optimizer))
+             if timed_micro_batch else None)
     out, by_kind = [], {}
     for i, spec in enumerate(blocks):
         if spec.kind not in by_kind:
@@ -142,15 +143,15 @@ def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tup
     return out
 
 
-def _run_chain(blocks, inputs, repeats) -> list[dict]:
+def _run_chain(blocks, inputs, timing=None) -> list[dict]:
     """Run each block kind once (in chain order, each block fed the previous one's outputs
     as fresh tensors, as a partition boundary would); a repeated kind reuses its record."""
     records, by_kind = [], {}
     for spec in blocks:
         if spec.kind not in by_kind:
             module = spec.build()
-            by_kind[spec.kind] = (_measure(module, inputs) if repeats is None
-                                  else {"seconds": _time(module, inputs, repeats)},
+            by_kind[spec.kind] = (_measure(module, inputs) if timing is None
+                                  else {"seconds": _time(module, inputs, *timing)},
                                   _outputs_like(module, inputs))
         record, outputs = by_kind[spec.kind]
         records.append(record)
@@ -205,10 +206,10 @@ def _measure(module: nn.Module, inputs: tuple) -> dict:
             "forward_kernels": forward_kernels.count, "backward_kernels": backward_kernels.count}
 
 
-def _time(module: nn.Module, inputs: tuple, repeats: int) -> dict[str, float]:
-    """Median seconds of a forward, a backward and an optimizer-like step (SGD) of the block."""
+def _time(module: nn.Module, inputs: tuple, repeats: int, make_optimizer: Callable) -> dict[str, float]:
+    """Median seconds of a forward, a backward and a step of the task's optimizer, in this process."""
     times = {"forward": [], "backward": [], "update": []}
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.0, momentum=0.9)
+    optimizer = make_optimizer(list(module.parameters()))
     for attempt in range(repeats + 1):
         x = _fresh(inputs)
         start = time.perf_counter()

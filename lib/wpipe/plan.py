@@ -71,22 +71,41 @@ def configurations(method: str, gpus: int, blocks: int, micro_batches=MICRO_BATC
 
 def plan(blocks: list[BlockCost], uniform_plan: Callable[[int], list[list[str]]], hw: Hardware,
          gpus: int, methods=METHODS, micro_batches=MICRO_BATCHES, recompute=(False, True),
-         splits=SPLITS, rates=None) -> list[Candidate]:
+         splits=SPLITS, rates=None, largest_only: bool = False) -> list[Candidate]:
     """The fitting candidates, ranked by predicted samples/s (highest first). `rates`:
-    (forward, backward) FLOP/s measured by a probe, instead of the hardware's efficiency."""
+    (forward, backward) FLOP/s measured by a probe, instead of the hardware's efficiency.
+    `largest_only`: per (method, N, D, layout, recompute, split), time only the largest
+    micro-batch that fits (the fastest in this model, where a larger micro-batch only
+    amortises fixed costs better): far fewer simulations."""
     names = [b.name for b in blocks]
+    cache, single = {}, {}
+
+    def partitions(method, n, split, b, r):
+        """(ranges, partition costs); the same for every D and rank layout."""
+        k = schedule.num_partitions(method, n)
+        key = (k, split, b) if split == "uniform" else (method, n, split, b, r)
+        if key not in cache:
+            if split == "uniform":
+                ranges = ranges_of(names, uniform_plan(k))
+            else:
+                if b not in single:
+                    single[b] = costmodel.partition_costs(blocks, [range(i, i + 1) for i in range(len(blocks))], b)
+                ranges = balanced_ranges(blocks, method, n, b, r, hw, rates, single[b])
+            cache[key] = ranges, costmodel.partition_costs(blocks, ranges, b)
+        return cache[key]
+
     out = []
     for method in methods:
         for n, d, layout, r, split, sizes in configurations(method, gpus, len(blocks), micro_batches,
                                                             recompute, splits):
-            k = schedule.num_partitions(method, n)
+            fitting = []
             for b in sizes:
-                ranges = (ranges_of(names, uniform_plan(k)) if split == "uniform"
-                          else balanced_ranges(blocks, method, n, b, r, hw, rates))
-                parts = costmodel.partition_costs(blocks, ranges, b)
+                ranges, parts = partitions(method, n, split, b, r)
                 memory = costmodel.device_memory(method, n, d, parts, r)
                 if max(memory) > hw.memory_budget_bytes:
                     break
+                fitting.append((b, ranges, parts, memory))
+            for b, ranges, parts, memory in (fitting[-1:] if largest_only else fitting):
                 speed = costmodel.samples_per_second(method, n, d, layout, parts, b, hw, r, rates)
                 out.append(Candidate(method, n, d, b, r, layout, split, speed, max(memory), memory,
                                      [len(x) for x in ranges]))
@@ -121,13 +140,17 @@ def stash_multiplicity(method: str, depth: int) -> list[int]:
 
 
 def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, recompute: bool,
-                    hw: Hardware, rates=None) -> list[range]:
-    """A contiguous cut minimising the largest of each partition's time and memory, each
-    relative to its mean over partitions; memory counts the partition's stash multiplicity
-    and weight versions (a heuristic: per-block bytes are added, storages shared across a
-    block boundary are counted twice)."""
+                    hw: Hardware, rates=None, single=None) -> list[range]:
+    """A contiguous cut minimising the largest, over partitions, of its time relative to the
+    mean partition time and of its memory relative to its share of the device budget (the
+    budget over the partitions a device holds). Memory counts the partition's stash
+    multiplicity and weight versions (a heuristic: per-block bytes are added, storages
+    shared across a block boundary are counted twice). So with memory to spare the cut
+    balances time; where memory binds, activation-heavy blocks move to partitions that hold
+    fewer micro-batches. `single`: each block alone as a partition at b, if known.
+    """
     k = schedule.num_partitions(method, depth)
-    single = costmodel.partition_costs(blocks, [range(i, i + 1) for i in range(len(blocks))], b)
+    single = single or costmodel.partition_costs(blocks, [range(i, i + 1) for i in range(len(blocks))], b)
     seconds = [sum(costmodel.op_seconds(p, hw, recompute, rates)[:2]) for p in single]
     multiplicity = stash_multiplicity(method, depth)
     stale = schedule.get_method(method).stale
@@ -143,11 +166,10 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
         return (multiplicity[j] * stash + (saved if recompute else 0) + (versions[j] + 1) * params
                 + optim_prefix[e] - optim_prefix[a])
     mean_time = time_prefix[-1] / k or 1.0
-    mean_memory = sum(memory(j, r.start, r.stop) for j, r in
-                      enumerate(_equal_ranges(len(blocks), k))) / k or 1.0
+    share = hw.memory_budget_bytes * depth / k       # a device holds k / depth partitions
 
     def cost(j, a, e):
-        return max((time_prefix[e] - time_prefix[a]) / mean_time, memory(j, a, e) / mean_memory)
+        return max((time_prefix[e] - time_prefix[a]) / mean_time, memory(j, a, e) / share)
 
     def cut(limit):
         sizes, a = [], 0
@@ -165,7 +187,7 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
         return sizes
     lo, hi = 0.0, max(cost(j, r.start, r.stop) for j, r in enumerate(_equal_ranges(len(blocks), k)))
     best = cut(hi) or _equal_ranges(len(blocks), k)
-    for _ in range(40):
+    for _ in range(30):
         mid = (lo + hi) / 2
         found = cut(mid)
         if found:

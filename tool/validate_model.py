@@ -12,8 +12,8 @@ seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says 
 measured), the cost model, the simulator. Printed: predicted and measured samples/s with
 the error, and per rank predicted and reported weights, activations and optimizer bytes
 (which must be equal; exit status 1 otherwise). Timings on a shared machine are noisy: the
-load average is printed, and for the bench runs the share of time a rank was runnable but
-starved of a CPU, with the error against the rate corrected for it (error*).
+load average is printed, and for the bench runs the largest share of the timed window that
+a rank was runnable but starved of a CPU.
 """
 from __future__ import annotations
 
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     suites = [(name, make, runner) for name, make, runner, skip in
               (("bench", bench_model, run_bench, args.skip_bench), ("nlp", nlp_model, run_nlp, args.skip_nlp))
               if not skip]
-    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7} {'starved':>7} "
-             f"{'error*':>7}   memory per rank (weights, activations, optimizer bytes)"]
+    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7} {'starved':>7}   "
+             f"memory per rank (weights, activations, optimizer bytes)"]
     rows, exact = [], True
     with tempfile.TemporaryDirectory() as tmp:
         for name, make, runner in suites:
@@ -121,10 +121,8 @@ def main(argv=None) -> int:
             blocks = model.measure(timed_micro_batch=MICRO_BATCH)
             for method in [m for m in args.methods.split(",") if m]:
                 predicted, memory = predict(model, blocks, hw, method, args.recompute)
+                # starved: the most any rank of the run was runnable without a CPU (other load)
                 measured, reported, starved = runner(method, args.recompute, Path(tmp) / f"{name}_{method}")
-                # Starved: the share of the window a rank was runnable without a CPU (other
-                # load); error* compares with the rate the run would have had without it.
-                corrected = measured / (1 - starved) if starved is not None else None
                 same = all(memory[r["device"] if "device" in r else r["rank"]][f] == r[f]
                            for r in reported for f in FIELDS)
                 exact &= same
@@ -132,8 +130,7 @@ def main(argv=None) -> int:
                              "starved": starved, "memory_predicted": memory, "memory_reported": reported})
                 lines.append(f"{name:<6} {method:<16} {predicted:>9.2f} {measured:>9.2f} "
                              f"{predicted / measured - 1:>+7.1%} "
-                             + (f"{starved:>7.2f} {predicted / corrected - 1:>+7.1%}   " if corrected else
-                                f"{'-':>7} {'-':>7}   ")
+                             + (f"{starved:>7.2f}   " if starved is not None else f"{'-':>7}   ")
                              + ("equal: " if same else "DIFFERENT: ")
                              + "; ".join(f"rank {r['rank']} {', '.join(str(r[f]) for f in FIELDS)}" for r in reported))
     load = (load_before, os.getloadavg())

@@ -84,7 +84,7 @@ def _partition(blocks: list[BlockCost], r: range, b: int) -> PartitionCost:
 
 
 @lru_cache(maxsize=64)
-def _plan(method: str, depth: int, period: int, num_micro_batches: int):
+def schedule_and_report(method: str, depth: int, period: int, num_micro_batches: int):
     """The schedule and its check report (versions alive), cached: they depend on no cost."""
     ops = schedule.build_schedule(method, depth, num_micro_batches, period)
     return ops, check_schedule(ops, method, depth, num_micro_batches, period)
@@ -96,7 +96,7 @@ def accounting(method: str, depth: int, parts: list[PartitionCost], recompute: b
     activations_bytes, optimizer_state_bytes, as summary.json reports them for a run of
     `num_micro_batches` (default PERIODS periods)."""
     period = period or schedule.default_period(method, depth)
-    ops, report = _plan(method, depth, period, num_micro_batches or PERIODS * period)
+    ops, report = schedule_and_report(method, depth, period, num_micro_batches or PERIODS * period)
     out = []
     for device_ops in ops:
         mine = sorted({op.partition for op in device_ops})
@@ -175,7 +175,7 @@ def _period_seconds(method, depth, times, forward_transfer, backward_transfer, a
     rank layouts that put every link on the same kind of wire are simulated once)."""
     period = schedule.default_period(method, depth)
     count = PERIODS * period
-    ops, report = _plan(method, depth, period, count)
+    ops, report = schedule_and_report(method, depth, period, count)
     sim = simulate(ops, method, depth, count, [t[0] for t in times], [t[1] for t in times],
                    list(forward_transfer), [t[2] for t in times], micro_batches_per_update=period,
                    backward_transfer_cost=list(backward_transfer), allreduce_cost=list(allreduce),

@@ -23,6 +23,7 @@ from typing import Callable
 from . import costmodel, schedule
 from .blockcost import BlockCost
 from .hardware import Hardware
+from .partition import uniform
 
 METHODS = ("wpipe", "pipedream_2bw", "pipedream_flush", "gpipe", "data_parallel")
 MICRO_BATCHES = tuple(2 ** i for i in range(10))
@@ -128,7 +129,7 @@ def ranges_of(names: list[str], plan_names: list[list[str]]) -> list[range]:
 def stash_multiplicity(method: str, depth: int) -> list[int]:
     """Per partition, the most micro-batches it holds stashed at once (its device's op order)."""
     period = schedule.default_period(method, depth)
-    ops, _ = costmodel._plan(method, depth, period, costmodel.PERIODS * period)
+    ops, _ = costmodel.schedule_and_report(method, depth, period, costmodel.PERIODS * period)
     most = [0] * schedule.num_partitions(method, depth)
     for device_ops in ops:
         held = {}
@@ -185,8 +186,8 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
             sizes.append(range(a, e))
             a = e
         return sizes
-    lo, hi = 0.0, max(cost(j, r.start, r.stop) for j, r in enumerate(_equal_ranges(len(blocks), k)))
-    best = cut(hi) or _equal_ranges(len(blocks), k)
+    lo, hi = 0.0, max(cost(j, r.start, r.stop) for j, r in enumerate(uniform(len(blocks), k)))
+    best = cut(hi) or uniform(len(blocks), k)
     for _ in range(30):
         mid = (lo + hi) / 2
         found = cut(mid)
@@ -220,11 +221,6 @@ def probe_rates(probe: dict, blocks: list[BlockCost], uniform_plan) -> tuple[flo
     if not all(seconds.values()):
         raise ValueError("probe profile: no forward or backward seconds measured")
     return flops["forward"] / seconds["forward"], flops["backward"] / seconds["backward"]
-
-
-def _equal_ranges(n: int, k: int) -> list[range]:
-    from .partition import uniform
-    return uniform(n, k)
 
 
 def format_table(candidates: list[Candidate], hw: Hardware, top: int = 15) -> str:

@@ -6,7 +6,6 @@ device, with the accounting of real 2-process runs of cv/main.py and nlp/main.py
 mode), for every pipeline method, with and without recomputation, and data parallelism.
 """
 import json
-import sys
 
 import pytest
 
@@ -15,9 +14,8 @@ from wpipe import costmodel, schedule
 from wpipe.config import load_config
 from wpipe.plan import ranges_of
 
-sys.path.insert(0, str(ROOT))
-from cv.main import CvConfig, model_blocks as cv_blocks  # noqa: E402
-from nlp.main import NlpConfig, model_blocks as nlp_blocks  # noqa: E402
+from cv.main import CvConfig, model_blocks as cv_blocks
+from nlp.main import NlpConfig, model_blocks as nlp_blocks
 
 WORKER = ROOT / "tests" / "workers" / "memory_cases.py"
 ENTRIES = {"cv": (CvConfig, cv_blocks, "cv_tiny.yaml"), "nlp": (NlpConfig, nlp_blocks, "nlp_tiny.yaml")}

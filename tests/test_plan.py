@@ -13,8 +13,7 @@ from wpipe.blockcost import Affine
 from wpipe.config import load_config
 from wpipe.hardware import Hardware, load_hardware
 
-sys.path.insert(0, str(ROOT))
-from nlp.main import NlpConfig, model_blocks  # noqa: E402
+from nlp.main import NlpConfig, model_blocks
 
 PRESETS = sorted((ROOT / "network_conf" / "hardware").glob("*.yaml"))
 GPUS = 4

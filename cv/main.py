@@ -11,7 +11,7 @@ Pipeline, train with evaluation on the test split after each epoch, or throughpu
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun runs this file as a script
@@ -22,8 +22,10 @@ from torch.utils.data import Subset
 
 from cv.data import (DATASETS, load_dataset, micro_batch_labels, micro_batch_loader,
                      synthetic_dataset)
-from cv.model import build_resnext_partition, check_image_size, resnext_partition_plan, resnext_spec
+from cv.model import (build_resnext_partition, check_image_size, resnext_block_specs,
+                      resnext_partition_plan, resnext_spec)
 from wpipe import schedule
+from wpipe.blockcost import ModelBlocks
 from wpipe.runner import Task, TrainConfig, cli
 from wpipe.topology import Topology
 
@@ -141,6 +143,18 @@ def make_task(cfg: CvConfig) -> Task:
                   f"{'/'.join(str(len(p)) for p in plan)} blocks, {cfg.dataset} ({data}) at "
                   f"{cfg.image_size} px, lr {lr:g}"),
     )
+
+
+def model_blocks(cfg: CvConfig) -> ModelBlocks:
+    """cfg's ResNeXt as the cost model's chain of blocks (wpipe.blockcost, tool/plan.py): the
+    inputs are the task's synthetic images, the optimizer the task's."""
+    def inputs(b: int) -> tuple:
+        return (make_task(replace(cfg, mode="throughput", micro_batch_size=b, synthetic_samples=b))
+                .synthetic_data(1, 0)[0][0],)
+    return ModelBlocks(
+        f"{cfg.model}_c{cfg.num_classes}_px{cfg.image_size}", resnext_block_specs(cfg.model, cfg.num_classes),
+        inputs, make_task(replace(cfg, mode="throughput")).make_optimizer,
+        lambda k: resnext_partition_plan(cfg.model, k, num_classes=cfg.num_classes))
 
 
 def _datasets(cfg: CvConfig):

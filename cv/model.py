@@ -168,6 +168,20 @@ class ResNeXtPartition(nn.Module):
         return "blocks=" + ", ".join(self.block_names)
 
 
+def resnext_block_specs(name: str, num_classes: int) -> list:
+    """The chain stem, Bottleneck blocks, head as blocks for wpipe.blockcost; the blocks
+    after the first of a stage share one kind per stage (they are identical)."""
+    from wpipe.blockcost import BlockSpec
+    spec = resnext_spec(name)
+
+    def build(block):
+        module = ResNeXtPartition()
+        module.add_block(block, _build_block(spec, block, num_classes))
+        return module
+    kinds = {n: n if n in ("stem", "head") or n.endswith(".0") else n.split(".")[0] for n in _block_names(spec)}
+    return [BlockSpec(n, kind, lambda n=n: build(n)) for n, kind in kinds.items()]
+
+
 def _plan(spec: ResNeXtSpec, num_partitions: int, balance: str, num_classes: int) -> list[range]:
     names = _block_names(spec)
     if num_partitions > len(names):

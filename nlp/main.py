@@ -9,7 +9,7 @@ evaluation after each epoch, or throughput; `<output_dir>/summary.json`).
 """
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # torchrun runs this file as a script
@@ -19,8 +19,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from nlp import glue
-from nlp.model import bert_block_seconds, bert_config, build_bert_partition, minilm_checkpoint
+from nlp.model import (bert_block_seconds, bert_block_specs, bert_config, bert_partition_plan,
+                       build_bert_partition, minilm_checkpoint)
 from wpipe import schedule
+from wpipe.blockcost import ModelBlocks
 from wpipe.runner import Task, TrainConfig, cli
 
 log = logging.getLogger("wpipe.nlp")
@@ -132,6 +134,21 @@ def make_task(cfg: NlpConfig) -> Task:
         describe=(f"BERT {config.num_hidden_layers} layers x {config.hidden_size} ({source}), "
                   f"{cfg.task} ({data}), max_seq_length {cfg.max_seq_length}"),
     )
+
+
+def model_blocks(cfg: NlpConfig) -> ModelBlocks:
+    """cfg's BERT as the cost model's chain of blocks (wpipe.blockcost, tool/plan.py): the
+    inputs are the task's synthetic micro-batches, the optimizer the task's."""
+    config = _bert_config(cfg, glue.TASKS[cfg.task].num_labels, _checkpoint(cfg), None)
+
+    def inputs(b: int) -> tuple:
+        return make_task(replace(cfg, mode="throughput", micro_batch_size=b, synthetic_samples=b)) \
+            .synthetic_data(1, 0)[0][0]
+    return ModelBlocks(
+        f"bert_L{config.num_hidden_layers}_h{config.hidden_size}_a{config.num_attention_heads}_"
+        f"f{config.intermediate_size}_v{config.vocab_size}_s{cfg.max_seq_length}_{cfg.task}_{cfg.attn_implementation}",
+        bert_block_specs(config), inputs, make_task(replace(cfg, mode="throughput")).make_optimizer,
+        lambda k: bert_partition_plan(config.num_hidden_layers, k))
 
 
 def _checkpoint(cfg: NlpConfig) -> Path | None:

@@ -238,3 +238,13 @@ def _stored_name(key: str, stored) -> str | None:
             if cand in stored:
                 return cand
     return None
+
+
+def bert_block_specs(config: BertConfig) -> list:
+    """The chain embeddings, layer.0 .. layer.{L-1}, head as blocks for wpipe.blockcost
+    (layers share one kind: they are identical)."""
+    from wpipe.blockcost import BlockSpec
+    return ([BlockSpec("embeddings", "embeddings", lambda: BertPartition(config, range(0), first=True, last=False))]
+            + [BlockSpec(f"layer.{i}", "layer", lambda: BertPartition(config, range(1), first=False, last=False))
+               for i in range(config.num_hidden_layers)]
+            + [BlockSpec("head", "head", lambda: BertPartition(config, range(0), first=False, last=True))])

@@ -23,7 +23,8 @@ __all__ = [*_API, "reference"]
 
 
 _MODULES = {"schedule", "check", "simulate", "partition", "config", "topology", "comm", "versions",
-            "engine", "reference", "runner", "checkpoint", "nonfinite", "preemption", "probe"}
+            "engine", "reference", "runner", "checkpoint", "nonfinite", "preemption", "probe",
+            "blockcost", "costmodel", "hardware", "plan"}
 
 
 def __getattr__(name):

@@ -48,7 +48,8 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
              forward_cost, backward_cost, transfer_cost=0, update_cost=0,
              activation_size=None, weight_size=None,
              micro_batches_per_update: int | None = None, *,
-             backward_transfer_cost=None, allreduce_cost=0, defer_updates: bool = False) -> Simulation:
+             backward_transfer_cost=None, allreduce_cost=0, defer_updates: bool = False,
+             report: Report | None = None) -> Simulation:
     """Check `schedule` (raises `check.ScheduleError`), then time it.
 
     Each cost and size is one number for every partition or a list indexed by global
@@ -61,9 +62,12 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
     `activation_size[p]`: what one micro-batch stashes in partition p from the end of its
     forward to the end of its backward, in A (default 1 / partitions). `weight_size[p]`:
     one copy of partition p's weights, in W (default 1 / partitions); a device holds
-    `max_versions_alive` copies of each (`check.PartitionReport`).
+    `max_versions_alive` copies of each (`check.PartitionReport`). `report`: what
+    check_schedule found for this very schedule, when the caller has it already (the check
+    is then skipped: a planner times one schedule with many costs).
     """
-    report = check_schedule(schedule, method, depth, num_micro_batches, micro_batches_per_update)
+    if report is None:
+        report = check_schedule(schedule, method, depth, num_micro_batches, micro_batches_per_update)
     n = count_partitions(method, depth)
     forward = _per_partition("forward_cost", forward_cost, n)
     backward = _per_partition("backward_cost", backward_cost, n)

@@ -1,0 +1,252 @@
+"""Measure what each block of a model costs: bytes, FLOPs, kernels, and (optionally) seconds.
+
+A model is an ordered chain of blocks (BERT: embeddings, layers, head; ResNeXt: stem,
+Bottleneck blocks, head). Each block is run alone, at two micro-batch sizes, with the
+engine's own saved-tensor accounting (engine.Pipeline._count_saved: the storages autograd
+saves, weights excluded, each storage once), so that the bytes of any contiguous partition
+of blocks follow exactly (costmodel.partition_costs), without running the partition.
+
+Per block it records, every size an `Affine` in the micro-batch size b:
+
+* `param_bytes`, `optimizer_bytes` (the state one step of the task's optimizer creates);
+* `input_bytes`: its input tensors (what a partition starting here receives and stashes),
+  `input_grad_bytes`: those that need gradients (what its backward sends back);
+* `saved`: each storage autograd saves, labelled by where it comes from: ("in", k) = the
+  storage of input k, ("own", j) = made inside the block; `outputs`: the same labels for
+  each output, ("new", k) when the block made it without saving it. Labels let a partition
+  count a storage once when one block saves its output and the next saves it as input;
+* forward and backward FLOPs (torch.utils.flop_counter) and kernel launches (aten ops that
+  are not views), and, when asked, measured seconds of forward, backward and update.
+
+Blocks of the same `kind` are identical (BERT's layers): the first is measured, the others
+share its record. Measuring is cheap: one block at a time at b = 2 and 4.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+MICRO_BATCHES = (2, 4)
+"""Sizes measured (2 and up: BatchNorm needs two values per channel at a 1 x 1 image)."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """value(b) = at1 + slope * (b - 1), b = micro-batch size (at1: the value at b = 1)."""
+    at1: float
+    slope: float
+
+    def __call__(self, b: int) -> float:
+        return self.at1 + self.slope * (b - 1)
+
+    @classmethod
+    def fit(cls, x2: float, x4: float) -> Affine:
+        """Through value x2 at b = 2 and x4 at b = 4."""
+        slope = (x4 - x2) / 2
+        return cls(x2 - slope, slope)
+
+
+@dataclass
+class BlockCost:
+    name: str
+    kind: str
+    param_bytes: int
+    optimizer_bytes: int
+    input_bytes: Affine
+    input_grad_bytes: Affine
+    saved: list[tuple[tuple, Affine]]     # (label, bytes)
+    outputs: list[tuple]                  # label per output
+    forward_flops: Affine
+    backward_flops: Affine
+    forward_kernels: int
+    backward_kernels: int
+    seconds: dict[int, dict[str, float]] = field(default_factory=dict)
+    """micro-batch size -> {"forward", "backward", "update"} measured seconds."""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["saved"] = [[list(label), asdict(size)] for label, size in self.saved]
+        d["outputs"] = [list(label) for label in self.outputs]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> BlockCost:
+        d = dict(d)
+        for key in ("input_bytes", "input_grad_bytes", "forward_flops", "backward_flops"):
+            d[key] = Affine(**d[key])
+        d["saved"] = [(tuple(label), Affine(**size)) for label, size in d["saved"]]
+        d["outputs"] = [tuple(label) for label in d["outputs"]]
+        d["seconds"] = {int(b): s for b, s in d.get("seconds", {}).items()}
+        return cls(**d)
+
+
+@dataclass
+class BlockSpec:
+    """A block to measure: `build()` makes it (on CPU, in training mode)."""
+    name: str
+    kind: str
+    build: Callable[[], nn.Module]
+
+
+@dataclass
+class ModelBlocks:
+    """A model as the cost model sees it (the entry points' `model_blocks(cfg)` make it)."""
+    description: str                                   # names the model and its input sizes
+    specs: list[BlockSpec]
+    make_inputs: Callable[[int], tuple]                # micro-batch size -> partition 0's inputs
+    make_optimizer: Callable                           # the task's optimizer factory
+    uniform_plan: Callable[[int], list[list[str]]]     # partitions -> block names (the runtime's split)
+
+    def measure(self, timed_micro_batch: int | None = None) -> list[BlockCost]:
+        return measure_blocks(self.specs, self.make_inputs, self.make_optimizer, timed_micro_batch)
+
+
+def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tuple],
+                   make_optimizer: Callable, timed_micro_batch: int | None = None,
+                   repeats: int = 3) -> list[BlockCost]:
+    """Measure every block of the chain (see the module docstring). `make_inputs(b)`: the
+    first block's inputs for a micro-batch of b samples, as the engine gives them to
+    partition 0 (the task's own data). With `timed_micro_batch`, also time each kind's
+    forward, backward and optimizer step at that size (median of `repeats`, in this process)."""
+    runs = {b: _run_chain(blocks, make_inputs(b)) for b in MICRO_BATCHES}
+    timed = (_run_chain(blocks, make_inputs(timed_micro_batch), (repeats, make_optimizer))
+             if timed_micro_batch else None)
+    out, by_kind = [], {}
+    for i, spec in enumerate(blocks):
+        if spec.kind not in by_kind:
+            module = spec.build()
+            by_kind[spec.kind] = (sum(p.numel() * p.element_size() for p in module.parameters()),
+                                  _optimizer_bytes(module, make_optimizer))
+        params, optimizer = by_kind[spec.kind]
+        one, two = (runs[b][i] for b in MICRO_BATCHES)
+        if [label for label, _ in one["saved"]] != [label for label, _ in two["saved"]] \
+                or one["outputs"] != two["outputs"]:
+            raise RuntimeError(f"block {spec.name}: autograd saves different storages at micro-batch "
+                               f"sizes {MICRO_BATCHES}: its bytes cannot be scaled with the size")
+        out.append(BlockCost(
+            spec.name, spec.kind, params, optimizer,
+            Affine.fit(one["input_bytes"], two["input_bytes"]),
+            Affine.fit(one["input_grad_bytes"], two["input_grad_bytes"]),
+            [(label, Affine.fit(a, b)) for (label, a), (_, b) in zip(one["saved"], two["saved"])],
+            one["outputs"],
+            Affine.fit(one["forward_flops"], two["forward_flops"]),
+            Affine.fit(one["backward_flops"], two["backward_flops"]),
+            one["forward_kernels"], one["backward_kernels"],
+            {timed_micro_batch: timed[i]["seconds"]} if timed else {}))
+    return out
+
+
+def _run_chain(blocks, inputs, timing=None) -> list[dict]:
+    """Run each block kind once (in chain order, each block fed the previous one's outputs
+    as fresh tensors, as a partition boundary would); a repeated kind reuses its record."""
+    records, by_kind = [], {}
+    for spec in blocks:
+        if spec.kind not in by_kind:
+            module = spec.build()
+            by_kind[spec.kind] = (_measure(module, inputs) if timing is None
+                                  else {"seconds": _time(module, inputs, *timing)},
+                                  _outputs_like(module, inputs))
+        record, outputs = by_kind[spec.kind]
+        records.append(record)
+        inputs = outputs
+    return records
+
+
+def _fresh(inputs) -> tuple:
+    """Copies of the inputs as the engine receives them: contiguous, own storage, floats
+    flagged as before (leaves that need gradients)."""
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
+                 for t in inputs)
+
+
+def _outputs_like(module, inputs) -> tuple:
+    out = module(*_fresh(inputs))
+    outputs = out if isinstance(out, tuple) else (out,)
+    return tuple(o.detach().requires_grad_(o.requires_grad) for o in outputs)
+
+
+def _measure(module: nn.Module, inputs: tuple) -> dict:
+    x = _fresh(inputs)
+    weight_ptrs = {p.data_ptr() for p in module.parameters()}
+    input_storages = {t.untyped_storage().data_ptr(): k for k, t in enumerate(x) if torch.is_tensor(t)}
+    saved: dict[int, int] = {}
+
+    def pack(t):   # as engine.Pipeline._count_saved
+        ptr = t.untyped_storage().data_ptr()
+        if t.data_ptr() not in weight_ptrs and ptr not in saved:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with _Kernels() as forward_kernels, FlopCounterMode(display=False) as forward_flops:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*x)
+    outputs = out if isinstance(out, tuple) else (out,)
+    own = {ptr: j for j, ptr in enumerate(p for p in saved if p not in input_storages)}
+
+    def label(ptr, k):
+        if ptr in input_storages:
+            return ("in", input_storages[ptr])
+        return ("own", own[ptr]) if ptr in own else ("new", k)
+    roots = [o for o in outputs if o.requires_grad]
+    with _Kernels() as backward_kernels, FlopCounterMode(display=False) as backward_flops:
+        torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
+    tensors = [t for t in x if torch.is_tensor(t)]
+    return {"input_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "input_grad_bytes": sum(t.numel() * t.element_size() for t in tensors if t.requires_grad),
+            "saved": [(label(ptr, None), nbytes) for ptr, nbytes in saved.items()],
+            "outputs": [label(o.untyped_storage().data_ptr(), k) for k, o in enumerate(outputs)],
+            "forward_flops": forward_flops.get_total_flops(), "backward_flops": backward_flops.get_total_flops(),
+            "forward_kernels": forward_kernels.count, "backward_kernels": backward_kernels.count}
+
+
+def _time(module: nn.Module, inputs: tuple, repeats: int, make_optimizer: Callable) -> dict[str, float]:
+    """Median seconds of a forward, a backward and a step of the task's optimizer, in this process."""
+    times = {"forward": [], "backward": [], "update": []}
+    optimizer = make_optimizer(list(module.parameters()))
+    for attempt in range(repeats + 1):
+        x = _fresh(inputs)
+        start = time.perf_counter()
+        out = module(*x)
+        middle = time.perf_counter()
+        outputs = out if isinstance(out, tuple) else (out,)
+        roots = [o for o in outputs if o.requires_grad]
+        torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
+        end = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if attempt:
+            times["forward"].append(middle - start)
+            times["backward"].append(end - middle)
+            times["update"].append(time.perf_counter() - end)
+    return {kind: statistics.median(v) for kind, v in times.items()}
+
+
+def _optimizer_bytes(module: nn.Module, make_optimizer: Callable) -> int:
+    """Bytes of the state that one step of `make_optimizer`'s optimizer holds for the block."""
+    params = list(module.parameters())
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t))
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts the aten ops that launch work (views and aliases excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.__name__.split(".")[0] not in ("detach", "alias", "lift_fresh"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

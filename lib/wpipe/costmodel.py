@@ -1,0 +1,195 @@
+"""Predict a configuration's per-device memory and its samples/s, from measured blocks.
+
+Memory is the engine's own accounting (Pipeline.memory_report, summary.json `memory`):
+
+* weights_bytes: parameter bytes of the device's partitions x the weight versions each
+  keeps alive at once (check.PartitionReport.max_versions_alive: 2 for a stale partition);
+* activations_bytes: the most stashed at once, found by walking the device's op list as the
+  engine does: a forward stashes what autograd saved in the partition (each storage once)
+  plus its inputs; with recomputation only its inputs, and a backward first recomputes,
+  holding the partition's saved bytes on top of the stash; a backward frees its entry;
+* optimizer_state_bytes: the optimizer's state for the device's parameters.
+
+`device_memory` adds what the accounting leaves out but a device holds: one gradient per
+parameter and, with data parallelism, the flat buffer the all-reduce sends.
+
+Time: per partition, forward/backward/update seconds come from the blocks' FLOPs and kernel
+counts at the hardware's efficiency, or from measured seconds (hardware.Hardware.op_times);
+transfers and the data-parallel all-reduce from the links between the ranks (hardware.py);
+the calibrated event simulator (simulate.py, updates deferred as the engine defers them)
+turns them into the time between period ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import schedule
+from .blockcost import BlockCost
+from .check import check_schedule
+from .hardware import Hardware
+from .simulate import simulate
+from .topology import Topology
+
+PERIODS = 4
+"""Periods simulated: the rate is taken between the ends of periods 1 and PERIODS - 1
+(after the fill, before the drain), and the stash peak is reached by the second."""
+
+
+@dataclass
+class PartitionCost:
+    """One partition at micro-batch size b: bytes, FLOPs and kernels, seconds if measured."""
+    blocks: range
+    param_bytes: int
+    optimizer_bytes: int
+    input_bytes: int          # received (or the micro-batch data) and stashed per micro-batch
+    input_grad_bytes: int     # gradients sent back per micro-batch
+    saved_bytes: int          # what autograd saves in one forward (each storage once)
+    forward_flops: float
+    backward_flops: float
+    forward_kernels: int
+    backward_kernels: int
+    seconds: dict | None      # {"forward", "backward", "update"} measured, or None
+
+
+def partition_costs(blocks: list[BlockCost], ranges: list[range], b: int) -> list[PartitionCost]:
+    """Per partition (contiguous `ranges` of `blocks`), its costs at micro-batch size b."""
+    return [_partition(blocks, r, b) for r in ranges]
+
+
+def _partition(blocks: list[BlockCost], r: range, b: int) -> PartitionCost:
+    first = blocks[r.start]
+    # Labels of the tensors flowing between blocks: a storage saved by two blocks of the
+    # partition (an output saved by one, saved again as the next one's input) counts once.
+    current: list[tuple] | None = None      # None: the partition's own inputs
+    stored: dict[tuple, float] = {}
+    for i in r:
+        block = blocks[i]
+
+        def resolve(label, i=i):
+            if label[0] == "in":
+                return ("partition input", label[1]) if current is None else current[label[1]]
+            return (label[0], i, label[1])
+        for label, size in block.saved:
+            stored[resolve(label)] = size(b)
+        current = [resolve(label) for label in block.outputs]
+    seconds = None
+    if all(b in blocks[i].seconds for i in r):
+        seconds = {k: sum(blocks[i].seconds[b][k] for i in r) for k in ("forward", "backward", "update")}
+    return PartitionCost(
+        r, sum(blocks[i].param_bytes for i in r), sum(blocks[i].optimizer_bytes for i in r),
+        round(first.input_bytes(b)), round(first.input_grad_bytes(b)), round(sum(stored.values())),
+        sum(blocks[i].forward_flops(b) for i in r), sum(blocks[i].backward_flops(b) for i in r),
+        sum(blocks[i].forward_kernels for i in r), sum(blocks[i].backward_kernels for i in r), seconds)
+
+
+@lru_cache(maxsize=64)
+def schedule_and_report(method: str, depth: int, period: int, num_micro_batches: int):
+    """The schedule and its check report (versions alive), cached: they depend on no cost."""
+    ops = schedule.build_schedule(method, depth, num_micro_batches, period)
+    return ops, check_schedule(ops, method, depth, num_micro_batches, period)
+
+
+def accounting(method: str, depth: int, parts: list[PartitionCost], recompute: bool,
+               num_micro_batches: int | None = None, period: int | None = None) -> list[dict]:
+    """Per device, the engine's memory accounting (the module docstring): weights_bytes,
+    activations_bytes, optimizer_state_bytes, as summary.json reports them for a run of
+    `num_micro_batches` (default PERIODS periods)."""
+    period = period or schedule.default_period(method, depth)
+    ops, report = schedule_and_report(method, depth, period, num_micro_batches or PERIODS * period)
+    out = []
+    for device_ops in ops:
+        mine = sorted({op.partition for op in device_ops})
+        stash = peak = 0
+        for op in device_ops:
+            part = parts[op.partition]
+            entry = part.input_bytes + (0 if recompute else part.saved_bytes)
+            if op.kind == "F":
+                stash += entry
+                peak = max(peak, stash)
+            elif op.kind == "B":
+                if recompute:
+                    peak = max(peak, stash + part.saved_bytes)
+                stash -= entry
+        out.append({"partitions": mine,
+                    "weights_bytes": sum(parts[p].param_bytes * report.partitions[p].max_versions_alive
+                                         for p in mine),
+                    "activations_bytes": peak,
+                    "optimizer_state_bytes": sum(parts[p].optimizer_bytes for p in mine)})
+    return out
+
+
+def device_memory(method: str, depth: int, data_parallel: int, parts: list[PartitionCost],
+                  recompute: bool) -> list[int]:
+    """Per device, predicted bytes held at the peak: the accounting plus one gradient per
+    parameter and, with data parallelism, the all-reduce's flat copy of the gradients."""
+    out = []
+    for report in accounting(method, depth, parts, recompute):
+        params = sum(parts[p].param_bytes for p in report["partitions"])
+        out.append(report["weights_bytes"] + report["activations_bytes"] + report["optimizer_state_bytes"]
+                   + params + (params if data_parallel > 1 else 0))
+    return out
+
+
+def op_seconds(part: PartitionCost, hw: Hardware, recompute: bool, rates=None) -> tuple[float, float, float]:
+    """(forward, backward incl. recomputation, update) seconds of one partition's ops."""
+    if hw.op_times == "measured":
+        if part.seconds is None:
+            raise ValueError(f"hardware {hw.name}: op_times measured, but blocks {part.blocks} have no "
+                             f"seconds measured at this micro-batch size")
+        forward, backward, update = part.seconds["forward"], part.seconds["backward"], part.seconds["update"]
+    else:
+        forward_rate, backward_rate = rates if rates else (hw.flops_per_s, hw.flops_per_s)
+        kernel = hw.kernel_overhead_us * 1e-6
+        forward = part.forward_flops / forward_rate + part.forward_kernels * kernel
+        backward = part.backward_flops / backward_rate + part.backward_kernels * kernel
+        # An optimizer step streams parameters, gradients and state through memory (read and write).
+        update = 2 * (2 * part.param_bytes + part.optimizer_bytes) / (hw.memory_bandwidth_gbs * 1e9)
+    overhead = hw.op_overhead_us * 1e-6
+    return forward + overhead, backward + (forward if recompute else 0.0) + overhead, update + overhead
+
+
+def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout: str,
+                       parts: list[PartitionCost], b: int, hw: Hardware, recompute: bool,
+                       rates=None) -> float:
+    """Predicted samples/s of the whole run (all replicas) in steady state."""
+    period = schedule.default_period(method, depth)
+    n = len(parts)
+    times = [op_seconds(p, hw, recompute, rates) for p in parts]
+    topology = Topology(method, depth, data_parallel, rank_layout)
+    forward_transfer, backward_transfer = [0.0] * n, [0.0] * n
+    for p in range(n - 1):
+        link = _slowest_link(topology, hw, topology.device_of(p), topology.device_of(p + 1))
+        forward_transfer[p] = link.seconds(parts[p + 1].input_bytes)
+        backward_transfer[p] = link.seconds(parts[p + 1].input_grad_bytes)
+    allreduce = [hw.allreduce_seconds([topology.rank_of(r, topology.device_of(p)) for r in range(data_parallel)],
+                                      parts[p].param_bytes) for p in range(n)]
+    seconds = _period_seconds(method, depth, tuple(times), tuple(forward_transfer), tuple(backward_transfer),
+                              tuple(allreduce))
+    return data_parallel * period * b / seconds
+
+
+@lru_cache(maxsize=4096)
+def _period_seconds(method, depth, times, forward_transfer, backward_transfer, allreduce) -> float:
+    """Steady-state seconds per period (simulated; the same costs give the same answer, so
+    rank layouts that put every link on the same kind of wire are simulated once)."""
+    period = schedule.default_period(method, depth)
+    count = PERIODS * period
+    ops, report = schedule_and_report(method, depth, period, count)
+    sim = simulate(ops, method, depth, count, [t[0] for t in times], [t[1] for t in times],
+                   list(forward_transfer), [t[2] for t in times], micro_batches_per_update=period,
+                   backward_transfer_cost=list(backward_transfer), allreduce_cost=list(allreduce),
+                   defer_updates=True, report=report)
+    ends = {}
+    for d, device_ops in enumerate(ops):
+        for i, op in enumerate(device_ops):
+            if op.kind == "U":
+                ends.setdefault(op.partition, []).append(sim.end[d][i])
+    period_ends = [max(v[t] for v in ends.values()) for t in range(PERIODS)]
+    return (period_ends[PERIODS - 2] - period_ends[0]) / (PERIODS - 2)
+
+
+def _slowest_link(topology: Topology, hw: Hardware, a: int, b: int):
+    """The slowest link between devices a and b over the replicas."""
+    links = [hw.link(topology.rank_of(r, a), topology.rank_of(r, b)) for r in range(topology.data_parallel)]
+    return min(links, key=lambda link: (link.bandwidth, -link.latency))

@@ -1,0 +1,148 @@
+"""Check the chain blocks -> cost model -> simulator against real 2-process CPU runs.
+
+    python tool/validate_model.py [--methods LIST] [--recompute] [--skip-bench] [--skip-nlp]
+                                  [--output-dir runs/validate]
+
+Runs, for each method, (1) tool/bench.py's configuration (4 TransformerEncoderLayer blocks,
+hidden 256, sequence 128, micro-batch 8, depth 2, AdamW) and (2) nlp/main.py in throughput
+mode on a BERT of the same size (4 layers, hidden 256, 4 heads, FFN 1024, sequence 128,
+micro-batch 8), each as 2 processes of one thread. It predicts both the way tool/plan.py
+predicts a GPU run: the model's blocks measured one at a time in this process (bytes, and
+seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says op_times
+measured), the cost model, the simulator. Printed: predicted and measured samples/s with
+the error, and per rank predicted and reported weights, activations and optimizer bytes
+(which must be equal; exit status 1 otherwise). Timings on a shared machine are noisy: the
+load average is printed, and for the bench runs the largest share of the timed window that
+a rank was runnable but starved of a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from wpipe import costmodel, partition, schedule  # noqa: E402
+from wpipe.blockcost import BlockSpec, ModelBlocks  # noqa: E402
+from wpipe.config import load_config  # noqa: E402
+from wpipe.hardware import load_hardware  # noqa: E402
+from wpipe.launch import run, torchrun_command  # noqa: E402
+from wpipe.plan import ranges_of  # noqa: E402
+
+HARDWARE = ROOT / "network_conf" / "hardware" / "cpu_2x1thread.yaml"
+METHODS = ("wpipe", "pipedream_2bw", "pipedream_flush", "gpipe")
+DEPTH, MICRO_BATCH, LAYERS, HIDDEN, SEQ = 2, 8, 4, 256, 128
+PERIODS, WARMUP = 10, 2
+NLP = {"num_layers": LAYERS, "hidden": HIDDEN, "heads": 4, "ffn": 4 * HIDDEN, "max_seq_length": SEQ,
+       "micro_batch_size": MICRO_BATCH, "vocab_size": 1000, "synthetic_samples": 256}
+FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
+
+
+def bench_model() -> ModelBlocks:
+    """tool/bench.py's model as blocks (its own builders)."""
+    sys.path.insert(0, str(ROOT / "tool"))
+    import bench
+    args = argparse.Namespace(hidden=HIDDEN, seq=SEQ, micro_batch=MICRO_BATCH)
+    return ModelBlocks(
+        "bench", [BlockSpec(f"layer.{i}", "layer", lambda i=i: bench.build_blocks(args, [i])) for i in range(LAYERS)],
+        lambda b: (torch.randn(b, SEQ, HIDDEN),), bench.make_optimizer,
+        lambda k: [[f"layer.{i}" for i in r] for r in partition.uniform(LAYERS, k)])
+
+
+def nlp_model() -> ModelBlocks:
+    from nlp.main import NlpConfig, model_blocks
+    return model_blocks(load_config(NlpConfig, ROOT / "network_conf" / "nlp_tiny.yaml",
+                                    {k: str(v) for k, v in NLP.items()}))
+
+
+def predict(model: ModelBlocks, blocks, hw, method: str, recompute: bool) -> tuple[float, list[dict]]:
+    """(samples/s, per-device accounting) of a DEPTH x 1 run of PERIODS + WARMUP periods."""
+    ranges = ranges_of([b.name for b in blocks], model.uniform_plan(schedule.num_partitions(method, DEPTH)))
+    parts = costmodel.partition_costs(blocks, ranges, MICRO_BATCH)
+    period = schedule.default_period(method, DEPTH)
+    speed = costmodel.samples_per_second(method, DEPTH, 1, "pipeline_major", parts, MICRO_BATCH, hw, recompute)
+    return speed, costmodel.accounting(method, DEPTH, parts, recompute, (PERIODS + WARMUP) * period, period)
+
+
+def run_bench(method: str, recompute: bool, out: Path) -> tuple[float, list[dict], float]:
+    cmd = [sys.executable, str(ROOT / "tool" / "bench.py"), "--methods", method, "--layers", str(LAYERS),
+           "--hidden", str(HIDDEN), "--seq", str(SEQ), "--micro-batch", str(MICRO_BATCH), "--depth", str(DEPTH),
+           "--periods", str(PERIODS), "--warmup", str(WARMUP), "--output-dir", str(out),
+           *(["--recompute"] if recompute else [])]
+    code, text = run(cmd, 900)
+    if code != 0:
+        raise RuntimeError(f"bench {method} failed:\n{text[-3000:]}")
+    ranks = json.loads((out / "bench.json").read_text())["results"][method]
+    starved = max(r["time_shares"]["starved"] for r in ranks)
+    return next(r["samples_per_s"] for r in ranks if "samples_per_s" in r), [r["memory"] for r in ranks], starved
+
+
+def run_nlp(method: str, recompute: bool, out: Path) -> tuple[float, list[dict], None]:
+    overrides = [x for k, v in NLP.items() for x in (f"--{k}", str(v))]
+    cmd = torchrun_command(ROOT / "nlp" / "main.py", DEPTH, [
+        "--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--mode", "throughput", "--method", method,
+        "--pipeline_depth", DEPTH, "--recompute", str(recompute).lower(), "--throughput_periods", PERIODS,
+        "--throughput_warmup_periods", WARMUP, "--output_dir", out, *overrides])
+    code, text = run(cmd, 900, cwd=ROOT)
+    if code != 0:
+        raise RuntimeError(f"nlp/main.py {method} failed:\n{text[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return summary["samples_per_second"], summary["memory"], None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-nlp", action="store_true")
+    parser.add_argument("--output-dir", default=str(ROOT / "runs" / "validate"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    hw = load_hardware(HARDWARE)
+    load_before = os.getloadavg()
+    suites = [(name, make, runner) for name, make, runner, skip in
+              (("bench", bench_model, run_bench, args.skip_bench), ("nlp", nlp_model, run_nlp, args.skip_nlp))
+              if not skip]
+    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7} {'starved':>7}   "
+             f"memory per rank (weights, activations, optimizer bytes)"]
+    rows, exact = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make, runner in suites:
+            model = make()
+            blocks = model.measure(timed_micro_batch=MICRO_BATCH)
+            for method in [m for m in args.methods.split(",") if m]:
+                predicted, memory = predict(model, blocks, hw, method, args.recompute)
+                # starved: the most any rank of the run was runnable without a CPU (other load)
+                measured, reported, starved = runner(method, args.recompute, Path(tmp) / f"{name}_{method}")
+                same = all(memory[r["device"] if "device" in r else r["rank"]][f] == r[f]
+                           for r in reported for f in FIELDS)
+                exact &= same
+                rows.append({"run": name, "method": method, "predicted": predicted, "measured": measured,
+                             "starved": starved, "memory_predicted": memory, "memory_reported": reported})
+                lines.append(f"{name:<6} {method:<16} {predicted:>9.2f} {measured:>9.2f} "
+                             f"{predicted / measured - 1:>+7.1%} "
+                             + (f"{starved:>7.2f}   " if starved is not None else f"{'-':>7}   ")
+                             + ("equal: " if same else "DIFFERENT: ")
+                             + "; ".join(f"rank {r['rank']} {', '.join(str(r[f]) for f in FIELDS)}" for r in reported))
+    load = (load_before, os.getloadavg())
+    lines.append(f"samples/s; recompute {'on' if args.recompute else 'off'}; load average (1, 5, 15 min) before "
+                 f"{', '.join(f'{x:.2f}' for x in load[0])}, after {', '.join(f'{x:.2f}' for x in load[1])} "
+                 f"on {os.cpu_count()} CPUs")
+    print("\n".join(lines))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validate.json").write_text(json.dumps({"rows": rows, "load_average": load, "report": lines}, indent=1))
+    return 0 if exact else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -123,10 +123,10 @@ def test_probe_profile_gives_the_measured_flop_rates(model):
     parts = costmodel.partition_costs(blocks, ranges, b)
     forward_rate, backward_rate = 3e12, 2e12
     probe = {"method": method, "pipeline_depth": depth, "micro_batch_size": b, "recompute": True,
-             "devices": [{"device": s, "ops": {str(p): {"forward_s": parts[p].forward_flops / forward_rate,
-                                                      "backward_s": (parts[p].backward_flops + parts[p].forward_flops)
-                                                      / backward_rate}
-                                               for p in (s, s + depth)}} for s in range(depth)]}
+             "devices": [{"device": s, "ops": [{"partition": p, "forward_s": parts[p].forward_flops / forward_rate,
+                                                "backward_s": parts[p].backward_flops / backward_rate,
+                                                "recompute_s": parts[p].forward_flops / backward_rate}
+                                               for p in (s, s + depth)]} for s in range(depth)]}
     assert plan.probe_rates(probe, blocks, uniform_plan) == pytest.approx((forward_rate, backward_rate))
 
 

@@ -139,3 +139,27 @@ def test_op_times_are_medians_after_the_warm_up():
               ("compute", "0U", 1.0, 100.0, None), ("compute", "0U", 30.0, 30.25, None)]
     assert op_times(events, period=2, warmup_periods=1) == {
         0: {"forward_s": 2.5, "backward_s": 4.0, "recompute_s": 0.5, "update_s": 0.25}}
+
+
+@pytest.mark.parametrize("recompute", ["false", "true"])
+def test_cost_model_predicts_the_probe(tmp_path, recompute):
+    """The planner's chain: the cost model's per-device bytes (wpipe.costmodel, from blocks
+    measured alone) equal a probe's at 4 devices, and the probe as a profile gives FLOP rates."""
+    from nlp.main import model_blocks
+    from wpipe import costmodel, plan, schedule
+    from wpipe.config import load_config
+
+    report = probe("wpipe_4x1", tmp_path, "--recompute", recompute)
+    cfg = load_config(NlpConfig, ROOT / "network_conf" / "nlp_tiny.yaml", {"num_layers": "8"})
+    model = model_blocks(cfg)
+    blocks = model.measure()
+    method, depth, period = "wpipe", 4, schedule.default_period("wpipe", 4)
+    ranges = plan.ranges_of([b.name for b in blocks], model.uniform_plan(schedule.num_partitions(method, depth)))
+    parts = costmodel.partition_costs(blocks, ranges, report["micro_batch_size"])
+    predicted = costmodel.accounting(method, depth, parts, recompute == "true",
+                                     (report["periods"] + report["warmup_periods"]) * period, period)
+    for device in report["devices"]:
+        for key in MEMORY:
+            assert predicted[device["device"]][key] == device[key], f"device {device['device']} {key}"
+    forward_rate, backward_rate = plan.probe_rates(report, blocks, model.uniform_plan)
+    assert 1e6 < forward_rate < 1e13 and 1e6 < backward_rate < 1e13

@@ -199,10 +199,11 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
 
 
 def probe_rates(probe: dict, blocks: list[BlockCost], uniform_plan) -> tuple[float, float]:
-    """(forward, backward) FLOP/s that a probe measured (probe.json of probe mode: its
-    method, pipeline_depth, micro_batch_size, recompute, and per device per partition
-    forward_s and backward_s, recomputation included): the FLOPs of those partitions (the
-    runtime's uniform split) over the seconds measured."""
+    """(forward, backward) FLOP/s that a probe measured (probe.json of probe mode, wpipe.probe:
+    its method, pipeline_depth, micro_batch_size, recompute, and per device a list `ops` of
+    per-partition `partition`, `forward_s`, `backward_s` and `recompute_s`): the FLOPs of those
+    partitions (the runtime's uniform split) over the seconds measured; a recomputation counts
+    as backward work, as op_seconds times it."""
     for key in ("method", "pipeline_depth", "micro_batch_size", "devices"):
         if key not in probe:
             raise ValueError(f"probe profile: field {key!r} is missing")
@@ -212,10 +213,10 @@ def probe_rates(probe: dict, blocks: list[BlockCost], uniform_plan) -> tuple[flo
     flops = {"forward": 0.0, "backward": 0.0}
     seconds = {"forward": 0.0, "backward": 0.0}
     for device in probe["devices"]:
-        for p, op in device["ops"].items():
-            part = parts[int(p)]
+        for op in device["ops"]:
+            part = parts[op["partition"]]
             seconds["forward"] += op["forward_s"]
-            seconds["backward"] += op["backward_s"]
+            seconds["backward"] += op["backward_s"] + op.get("recompute_s", 0.0)
             flops["forward"] += part.forward_flops
             flops["backward"] += part.backward_flops + (part.forward_flops if probe.get("recompute") else 0.0)
     if not all(seconds.values()):

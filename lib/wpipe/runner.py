@@ -201,7 +201,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     owns_group = not dist.is_initialized()
-    backend = init_distributed(cfg.backend, cfg.timeout_s)
+    backend = init_distributed(cfg.backend, cfg.timeout_s, cfg.p2p_backend)
     guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
     build_partition = task.build_partition
     if task.measure_block_costs is not None:   # timings differ per process: all cut by rank 0's
@@ -444,7 +444,7 @@ def _summarize(cfg, pipe, result) -> dict:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
             "history": history, "losses": losses, "skipped_updates": result["skipped_updates"],
-            "config": dataclasses.asdict(cfg)}
+            "precision": pipe.precision_report(), "config": dataclasses.asdict(cfg)}
     if cfg.trace:
         summary["timeline"] = timeline_summary([e for g in gathered for e in g["trace"]])
         summary["trace"] = [g["trace"] for g in gathered]   # written as trace.json, not in summary.json

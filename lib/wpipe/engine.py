@@ -82,6 +82,7 @@ class Pipeline:
         # gloo carries CUDA tensors only through CPU buffers: stage them ourselves.
         self.collective_device = torch.device("cpu") if backend == "gloo" else self.device
         self.precision = precision.Policy.from_config(cfg, self.device.type)
+        self.precision.check_device()
         self.num_partitions = self.topology.num_partitions
         self.last_partition = self.num_partitions - 1
         self.loss_fn = loss_fn

@@ -71,6 +71,15 @@ class Policy:
     def from_config(cls, cfg, device_type: str) -> Policy:
         return cls(cfg.precision, cfg.wire_dtype, device_type, cfg.loss_scale_init, cfg.loss_scale_growth_interval)
 
+    def check_device(self) -> None:
+        """Raise ValueError when this device cannot autocast to the precision."""
+        if self.precision == "fp32":
+            return
+        if not torch.amp.autocast_mode.is_autocast_available(self.device_type):
+            raise ValueError(f"precision {self.precision}: torch cannot autocast on {self.device_type}; use fp32")
+        if self.device_type == "cuda" and self.precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("precision bf16: this GPU does not support bfloat16; use fp16 (with its loss scaler)")
+
     def autocast(self):
         """The context every partition's forward runs in."""
         if self.precision == "fp32":

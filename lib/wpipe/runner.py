@@ -7,8 +7,10 @@ train (+ evaluation after each epoch) or throughput -> summary.json.
 
 `<output_dir>/summary.json` (written by rank 0, atomically, at the end) holds method,
 pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
-(metrics of the last evaluation), memory (one report per rank), history (per-epoch
-metrics and per-period losses) and the resolved config, which is also written beside it
+(metrics of the last evaluation), memory (one report per rank, with the precision its
+bytes were measured under), history (per-epoch metrics and per-period losses), precision
+(Pipeline.precision_report: settings, device, fp16 loss-scale changes and overflow skips)
+and the resolved config, which is also written beside it
 as config.yaml. With `trace: true` it also holds `timeline` (per rank busy_s, wait_s,
 window_s, bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
 

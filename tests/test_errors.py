@@ -105,6 +105,8 @@ def table(i):
         ("nlp", ["--method", "data_parallel", "--pipeline_depth", "2"], r"pipeline_depth must be 1 for data_parallel"),
         ("nlp", ["--rank_layout", "diagonal"], r"rank_layout must be one of pipeline_major, replica_major"),
         ("nlp", ["--recompute", "maybe"], r"config key 'recompute' expects bool, got 'maybe'"),
+        ("nlp", ["--precision", "fp8"], r"precision must be one of fp32, bf16, fp16, got 'fp8'"),
+        ("cv", ["--wire_dtype", "int8"], r"wire_dtype must be fp16, bf16 or null \(no cast\), got 'int8'"),
         ("nlp", ["--checkpoint_every", "-1"], r"checkpoint_every must be >= 0, got -1"),
         ("nlp", ["--keep_checkpoints", "-2"], r"keep_checkpoints must be >= 0, got -2"),
         ("nlp", ["--max_periods_per_epoch", "0"], r"max_periods_per_epoch must be >= 1 or null, got 0"),

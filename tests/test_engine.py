@@ -1,5 +1,9 @@
 """The distributed engine equals the single-process reference, to float64 round-off.
 
+Precision cases (precision.py) too: a reduced-precision wire on the float64 model is as
+exact (the casts are deterministic); the fp16 loss scaler's overflows, skips and scales
+equal the reference's; autocast runs on a float32 model match to AUTOCAST_TOLERANCE.
+
 Each launch runs many cases in one process group (start-up dominates the cost); the
 workers save their partitions' weights, and the test compares every parameter, by name,
 with `wpipe.reference.train` on the same partitions and micro-batches.
@@ -15,10 +19,19 @@ import torch.distributed as dist
 import toy
 import wpipe
 from launch import ROOT, run_ok, torchrun
-from wpipe import reference
+from wpipe import precision, reference
 
 WORKER = ROOT / "tests" / "workers" / "engine_cases.py"
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
+FP16_OVERFLOWS = ("fp16", "scale18", "grow1")   # 2^18 overflows fp16 gradients for a few periods
+# Under autocast the engine runs the same kernels on the same float32/fp16/bf16 values as
+# the reference, in the same order, on one thread: the results agree bit for bit in
+# practice (measured: a difference of 0 in every case below). What may differ is float32 round-off where the engine's graph is cut at a
+# device boundary (an accumulation order); one such ulp can flip a later fp16/bf16
+# rounding (2^-11 / 2^-8 relative) of one element. Weights of size ~1 after a few
+# updates at lr 0.01 move by far less than that bound: 1e-5 would still catch a wrong
+# scale, a wrong skip, a missing autocast or a wrong version, each off by >= 1e-3.
+AUTOCAST_TOLERANCE = 1e-5
 
 
 def case(method, depth, dp, optimizer="sgd", layout="pipeline_major", periods=3, flags=()):
@@ -36,12 +49,27 @@ TWO_PROCESSES = (
        case("wpipe", 2, 1, "adam", periods=2, flags=("resume",)),
        case("pipedream_2bw", 2, 1, flags=("m4",)),
        case("gpipe", 2, 1, flags=("m3",))]
+    + [case(m, 2, 1, opt, flags=(wire,)) for m, opt, wire in (
+        ("wpipe", "sgd", "wire_fp16"), ("wpipe", "adam", "wire_bf16"), ("pipedream_2bw", "adam", "wire_fp16"),
+        ("pipedream_flush", "sgd", "wire_bf16"), ("gpipe", "adam", "wire_fp16"))]
+    + [case(m, 2, 1, "adam", periods=8, flags=FP16_OVERFLOWS) for m in ("wpipe", "pipedream_2bw", "gpipe")]
+    + [case("wpipe", 2, 1, "adam", periods=8, flags=(*FP16_OVERFLOWS, "recompute", "wire_fp16")),
+       case("wpipe", 2, 1, "adam", periods=4, flags=(*FP16_OVERFLOWS, "resume")),   # the scaler's state resumes
+       case("data_parallel", 1, 2, "adam", periods=6, flags=FP16_OVERFLOWS),
+       case("wpipe", 2, 1, "adam", flags=("bf16",)),
+       case("pipedream_flush", 2, 1, "adam", flags=("bf16", "recompute"))]
 )
 FOUR_PROCESSES = (
     [case(m, 4, 1) for m in METHODS] + [case("wpipe", 4, 1, "adam")]
     + [case(m, 2, 2, layout=layout) for m in METHODS for layout in ("pipeline_major", "replica_major")]
-    + [case("wpipe", 2, 2, "adam", layout="replica_major")]
+    + [case("wpipe", 2, 2, "adam", layout="replica_major"),
+       case("wpipe", 4, 1, "adam", periods=8, flags=FP16_OVERFLOWS),
+       case("wpipe", 2, 2, "adam", periods=8, flags=(*FP16_OVERFLOWS, "wire_fp16"))]
 )
+# Ranks sharing one GPU, point to point staged through pinned CPU buffers (p2p_backend gloo).
+CUDA_TWO = [case(m, 2, 1, "adam", flags=("cuda",)) for m in METHODS] + [case("data_parallel", 1, 2, flags=("cuda",))]
+CUDA_FOUR = [case(m, 4, 1, flags=("cuda",)) for m in METHODS] + [case("wpipe", 2, 2, "adam", flags=("cuda",))]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the GPU path is not exercised")
 
 
 def reference_result(name):
@@ -49,19 +77,24 @@ def reference_result(name):
     depth, dp = int(depth), int(dp)
     period = next((int(f[1:]) for f in flags if f.startswith("m")), None)
     cfg = wpipe.PipelineConfig(method=method, pipeline_depth=depth, data_parallel=dp,
-                               micro_batches_per_update=period)
+                               micro_batches_per_update=period, **toy.precision_fields(flags))
     count = int(periods) * cfg.period * (2 if {"twice", "resume"} & set(flags) else 1)
     num_partitions = wpipe.schedule.num_partitions(method, depth)
-    partitions = [toy.build_partition(i, num_partitions) for i in range(num_partitions)]
-    data = [toy.micro_batches(count, replica=r) for r in range(dp)]
+    dtype = toy.model_dtype(flags)
+    partitions = [toy.build_partition(i, num_partitions).to(dtype) for i in range(num_partitions)]
+    data = [toy.cast(toy.micro_batches(count, replica=r), dtype) for r in range(dp)]
+    policy = precision.Policy.from_config(cfg, "cpu")
+    scaler = policy.make_scaler(method, depth)
     losses = reference.train(partitions, toy.loss_fn, toy.OPTIMIZERS[optimizer],
                              data[0] if dp == 1 else data, method, depth,
-                             micro_batches_per_update=period, data_parallel=dp)
-    return partitions, losses, count // cfg.period
+                             micro_batches_per_update=period, data_parallel=dp, policy=policy, scaler=scaler)
+    return partitions, losses, count // cfg.period, scaler
 
 
 def assert_matches_reference(out_dir, name):
-    partitions, losses, periods = reference_result(name)
+    partitions, losses, periods, scaler = reference_result(name)
+    flags = name.split(":")[6:]
+    tolerance = AUTOCAST_TOLERANCE if toy.model_dtype(flags) == torch.float32 else 1e-10
     results = [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{glob.escape(str(out_dir))}/{name}.rank*.pt"))]
     assert results, f"no results for {name}"
     held = set()
@@ -71,14 +104,17 @@ def assert_matches_reference(out_dir, name):
             expected = partitions[p].state_dict()
             for key, value in state.items():
                 diff = (value - expected[key]).abs().max().item()
-                assert diff < 1e-10, f"{name}: partition {p} {key} differs from the reference by {diff:.3g}"
+                assert diff < tolerance, f"{name}: partition {p} {key} differs from the reference by {diff:.3g}"
         assert [t for t, _ in result["periods_seen"]] == list(range(len(result["periods_seen"])))
+        if scaler:
+            assert result["precision"]["loss_scale_changes"] == scaler.changes(periods), name
+            assert result["precision"]["overflow_skips"] == scaler.skipped(), name
     assert held == set(range(len(partitions))), f"{name}: partitions held {sorted(held)}"
     loss_ranks = [r for r in results if r["losses"]]
     dp = int(name.split(":")[2])
     assert len(loss_ranks) == dp
     mean = [sum(r["losses"][t] for r in loss_ranks) / dp for t in range(periods)]
-    assert mean == pytest.approx(losses, abs=1e-12)
+    assert mean == pytest.approx(losses, abs=1e-12 if tolerance == 1e-10 else tolerance)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +139,16 @@ def test_two_processes_match_reference(two_process_results, name):
 @pytest.mark.parametrize("name", FOUR_PROCESSES)
 def test_four_processes_match_reference(four_process_results, name):
     assert_matches_reference(four_process_results, name)
+
+
+@NO_CUDA
+@pytest.mark.parametrize("nproc, cases", [(2, CUDA_TWO), (4, CUDA_FOUR)])
+def test_cuda_ranks_sharing_a_gpu_match_reference(tmp_path, nproc, cases):
+    run_ok(WORKER, nproc, [tmp_path, *cases], timeout=300)
+    for name in cases:
+        assert_matches_reference(tmp_path, name)
+        memory = torch.load(f"{tmp_path}/{name}.rank0.pt", weights_only=False)["memory"]
+        assert memory["peak_kind"] == "cuda_max_allocated", f"{name} did not run on the GPU"
 
 
 def test_weight_versions_held(two_process_results):
@@ -196,3 +242,13 @@ def test_stuck_rank_times_out_with_a_clear_message():
 def test_dead_rank_fails_the_launch():
     code, out = torchrun(FAILING, 2, ["exit"], timeout=120)
     assert code != 0, out[-4000:]
+
+
+def test_fp16_cases_overflow_skip_and_regrow():
+    """The fp16 cases above exercise what they claim: updates skipped in every group, the
+    scale lowered and raised again."""
+    for name in [n for n in TWO_PROCESSES + FOUR_PROCESSES if "fp16" in n.split(":")]:
+        *_, scaler = reference_result(name)
+        assert all(scaler.skipped().values()), f"{name}: no skipped update in some group: {scaler.skipped()}"
+        assert min(scaler.scales) < scaler.scales[0], name
+        assert any(b > a for a, b in zip(scaler.scales, scaler.scales[1:])), f"{name}: the scale never grew"

@@ -46,3 +46,26 @@ OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
     "adam": lambda params: torch.optim.Adam(params, lr=0.01),
 }
+
+
+def precision_fields(flags) -> dict:
+    """PipelineConfig precision fields from a test case's flags: 'bf16'/'fp16' (autocast),
+    'wire_fp16'/'wire_bf16', 'scale<k>' (initial loss scale 2^k), 'grow<k>' (growth
+    interval k periods)."""
+    fields = {"precision": next((f for f in flags if f in ("bf16", "fp16")), "fp32"),
+              "wire_dtype": next((f[5:] for f in flags if f.startswith("wire_")), None)}
+    for f in flags:
+        if f.startswith("scale"):
+            fields["loss_scale_init"] = 2.0 ** int(f[5:])
+        if f.startswith("grow"):
+            fields["loss_scale_growth_interval"] = int(f[4:])
+    return fields
+
+
+def model_dtype(flags) -> torch.dtype:
+    """float64 unless the case runs under autocast (which leaves float64 alone): float32."""
+    return torch.float32 if {"bf16", "fp16"} & set(flags) else torch.float64
+
+
+def cast(micro_batches, dtype):
+    return [(tuple(x.to(dtype) for x in inputs), target.to(dtype)) for inputs, target in micro_batches]

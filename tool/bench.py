@@ -4,7 +4,8 @@ against torch.distributed.pipelining's schedules.
 
     python tool/bench.py [--layers 4 --hidden 256 --seq 128 --micro-batch 8 --depth 2
                           --periods 10 --warmup 2 --repeat 1 --recompute --methods LIST
-                          --peers [LIST] --trace --output-dir runs/bench]
+                          --peers [LIST] --trace --precision fp32 --wire-dtype none
+                          --output-dir runs/bench]
 
 What runs. Each method runs in its own torchrun launch (depth processes x 1 thread,
 loopback, a free port, a timeout; its own processes are killed on the way out), so that
@@ -35,7 +36,9 @@ on while timed) and the last run's timeline of each goes to <output-dir>/<method
 
 What is printed. One row per method and rank: samples/s, x ideal, time shares, and per
 rank weights (including versions), peak stashed activations, optimizer state and peak
-RSS in MB; a peer shows "-" for the stash, which pipelining does not report. Then checks
+RSS in MB; a peer shows "-" for the stash, which pipelining does not report. --precision
+(bf16, fp16: autocast, as the engine's precision field; the single-process run too) and
+--wire-dtype apply to our methods; the stash is in the bytes as stored. Then checks
 and targets. The model is a stack of identical torch.nn.TransformerEncoderLayer blocks
 (4 heads, FFN 4 x hidden, no dropout, batch first) on float inputs (micro_batch, seq,
 hidden) with an MSE loss against a random target: when the layers divide into 2N
@@ -68,7 +71,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 import wpipe
-from wpipe import partition, schedule, trace
+from wpipe import partition, precision, schedule, trace
 from wpipe.launch import run, torchrun_command
 
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
@@ -150,7 +153,8 @@ def peak_rss_bytes() -> int:
 def pipeline_config(args, method: str) -> wpipe.PipelineConfig:
     """Our methods' configuration; the parent rebuilds it to write the traces."""
     return wpipe.PipelineConfig(method=method, pipeline_depth=args.depth, recompute=args.recompute,
-                                timeout_s=args.timeout, trace=args.trace)
+                                timeout_s=args.timeout, trace=args.trace, precision=args.precision,
+                                wire_dtype=None if args.wire_dtype == "none" else args.wire_dtype)
 
 
 def pipeline_worker(args) -> dict:
@@ -231,15 +235,17 @@ def single_worker(args) -> dict:
         return t
 
     ends = []
+    autocast = precision.Policy(args.precision).autocast
     for start in range(0, len(data), args.depth):
         for x, target in data[start:start + args.depth]:
             saved.clear()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = x
-                for block in model:
-                    out = (torch.utils.checkpoint.checkpoint(block, out, use_reentrant=False)
-                           if args.recompute else block(out))
-                loss = loss_fn(out, target) / args.depth
+                with autocast():   # fp16 here without a loss scale: a timing, not a training run
+                    out = x
+                    for block in model:
+                        out = (torch.utils.checkpoint.checkpoint(block, out, use_reentrant=False)
+                               if args.recompute else block(out))
+                loss = loss_fn(out.float(), target) / args.depth
             peak_saved = max(peak_saved, sum(saved.values()))
             loss.backward()
         optimizer.step()
@@ -292,7 +298,8 @@ def report(args, results: dict) -> tuple[list[str], bool]:
     ideal = args.depth * speed("single")
     lines = [f"BERT-like: {args.layers} layers x hidden {args.hidden} x seq {args.seq}, micro-batch "
              f"{args.micro_batch}, depth {args.depth}, m = {args.depth}, {args.periods} periods after "
-             f"{args.warmup} warm-up, AdamW, recompute {'on' if args.recompute else 'off'}"
+             f"{args.warmup} warm-up, AdamW, recompute {'on' if args.recompute else 'off'}, precision "
+             f"{args.precision}, wire {args.wire_dtype}"
              f"{', traced' if args.trace else ''}; each row the MEDIAN of {args.repeat} run(s) by samples/s",
              f"ideal = {args.depth} x single-process = {ideal:.2f} samples/s; on an idle machine "
              f"{args.depth} x {speed('single') / results['single'][0]['time_shares']['cpu']:.2f} "
@@ -357,6 +364,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str], list[str]]:
                         help="runs of every method, interleaved; the table shows each method's median run")
     parser.add_argument("--trace", action="store_true",
                         help="record our methods' timelines: <output-dir>/<method>/trace.json (last run)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast dtype of our methods and the single-process run")
+    parser.add_argument("--wire-dtype", choices=["none", "fp16", "bf16"], default="none",
+                        help="point-to-point dtype of our methods")
     parser.add_argument("--output-dir", default="runs/bench", help="where bench.json, bench.txt and traces go")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each launch may take")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

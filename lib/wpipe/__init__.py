@@ -23,7 +23,7 @@ __all__ = [*_API, "reference"]
 
 
 _MODULES = {"schedule", "check", "simulate", "partition", "config", "topology", "comm", "versions",
-            "engine", "reference", "runner", "checkpoint", "nonfinite", "preemption", "probe",
+            "engine", "reference", "runner", "checkpoint", "nonfinite", "preemption", "probe", "precision",
             "blockcost", "costmodel", "hardware", "plan"}
 
 

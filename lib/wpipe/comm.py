@@ -14,7 +14,11 @@ changes (a last, smaller batch). On the wire, per message and in this order:
 2. when the metadata changed and the receiver already knew an older one: filler tensors of
    the old shapes (they fill the receives posted ahead, see below), then
 3. the metadata, when its length is non-zero;
-4. the tensors, on the data group (the run's backend: NCCL tensors live on the GPU).
+4. the tensors, on the data group (the point-to-point backend: NCCL tensors live on the
+   GPU; with gloo, CUDA tensors are staged through pinned CPU buffers, `stage`).
+
+Tensors travel as the `wire` casts them (precision.Wire: float32/float64 in fp16 or bf16
+when wire_dtype is set) and are cast back on arrival: the metadata holds both dtypes.
 
 Receives are posted ahead. The engine tells its links, per call, the keys each stream
 will carry (`Links.expect`; they follow from the schedule). Each incoming stream keeps
@@ -36,6 +40,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .precision import Wire
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
           torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 KIND_CODES = {"F": 0, "B": 1}
@@ -46,22 +52,29 @@ class CommError(RuntimeError):
     pass
 
 
-def encode_metadata(tensors: tuple[torch.Tensor, ...]) -> list[int]:
-    """[count, then per tensor: dtype code, requires_grad, ndim, *shape]."""
+def encode_metadata(tensors: tuple[torch.Tensor, ...], restore: list[torch.dtype] | None = None,
+                    requires_grad: list[bool] | None = None) -> list[int]:
+    """[count, then per tensor: dtype code, dtype code on arrival, requires_grad, ndim,
+    *shape]. `restore` (default: the tensors' dtypes) and `requires_grad` (default: the
+    tensors' flags) describe what the receiver makes of each tensor."""
+    restore = restore or [t.dtype for t in tensors]
+    requires_grad = requires_grad or [t.requires_grad for t in tensors]
     meta = [len(tensors)]
-    for t in tensors:
-        if t.dtype not in DTYPES:
-            raise TypeError(f"cannot send a tensor of dtype {t.dtype}; supported: {DTYPES}")
-        meta += [DTYPES.index(t.dtype), int(t.requires_grad), t.dim(), *t.shape]
+    for t, dtype, flag in zip(tensors, restore, requires_grad):
+        for d in (t.dtype, dtype):
+            if d not in DTYPES:
+                raise TypeError(f"cannot send a tensor of dtype {d}; supported: {DTYPES}")
+        meta += [DTYPES.index(t.dtype), DTYPES.index(dtype), int(flag), t.dim(), *t.shape]
     return meta
 
 
-def decode_metadata(meta: list[int]) -> list[tuple[torch.dtype, bool, tuple[int, ...]]]:
+def decode_metadata(meta: list[int]) -> list[tuple[torch.dtype, torch.dtype, bool, tuple[int, ...]]]:
+    """Per tensor: (dtype on the wire, dtype on arrival, requires_grad, shape)."""
     out, i = [], 1
     for _ in range(meta[0]):
-        dtype, requires_grad, ndim = meta[i:i + 3]
-        out.append((DTYPES[dtype], bool(requires_grad), tuple(meta[i + 3:i + 3 + ndim])))
-        i += 3 + ndim
+        dtype, restore, requires_grad, ndim = meta[i:i + 4]
+        out.append((DTYPES[dtype], DTYPES[restore], bool(requires_grad), tuple(meta[i + 4:i + 4 + ndim])))
+        i += 4 + ndim
     return out
 
 
@@ -76,12 +89,18 @@ class _Posted:
 
 class Links:
     """This rank's ends of its streams. `streams[(kind, partition)]` = (source rank,
-    destination rank, control group, data group), as in topology.Groups."""
+    destination rank, control group, data group), as in topology.Groups. Received tensors
+    land on `device`; with `stage`, CUDA tensors travel through pinned CPU buffers (gloo
+    data groups cannot carry CUDA tensors point to point). `wire` casts them on the way."""
 
-    def __init__(self, rank: int, streams: dict, device: torch.device, timeout_s: float, trace=None):
+    def __init__(self, rank: int, streams: dict, device: torch.device, timeout_s: float, trace=None,
+                 wire: Wire | None = None, stage: bool = False):
         self.rank = rank
         self.streams = streams
         self.device = device
+        self.wire = wire or Wire(None)
+        self.stage = stage
+        self.wire_device = torch.device("cpu") if stage else device
         self.timeout = timedelta(seconds=timeout_s)
         self.trace = trace
         self.metadata: dict[tuple, list] = {}            # stream -> metadata both ends know
@@ -108,8 +127,10 @@ class Links:
         stream = key[:2]
         _, dst, control, data = self.streams[stream]
         # The gradient flags tell the receiver which inputs are leaves to differentiate.
-        meta = encode_metadata(tensors)
-        tensors = tuple(t.detach().contiguous() for t in tensors)
+        flags = [t.requires_grad for t in tensors]
+        tensors, restore = self.wire.encode(tuple(t.detach() for t in tensors))
+        tensors = tuple(self._to_wire(t) for t in tensors)
+        meta = encode_metadata(tensors, restore, flags + [False] * (len(tensors) - len(flags)))
         known = self.metadata.get(stream)
         changed = known != meta
         header = torch.tensor([KIND_CODES[key[0]], key[1], key[2], len(meta) if changed else 0])
@@ -117,8 +138,8 @@ class Links:
         self.in_flight.append((dist.isend(header, dst, group=control), header, what))
         if changed:
             if known is not None:   # the receiver posted receives of the old shapes
-                for dtype, _, shape in decode_metadata(known):
-                    filler = torch.empty(shape, dtype=dtype, device=self.device)
+                for dtype, _, _, shape in decode_metadata(known):
+                    filler = torch.empty(shape, dtype=dtype, device=self.wire_device)
                     self.in_flight.append((dist.isend(filler, dst, group=data), filler, what))
             meta_tensor = torch.tensor(meta)
             self.in_flight.append((dist.isend(meta_tensor, dst, group=control), meta_tensor, what))
@@ -172,8 +193,17 @@ class Links:
         self.posted[stream] = _Posted(key, header, header_work, tensors, works)
 
     def _post_tensors(self, src, group, meta):
-        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, _, shape in meta]
+        pin = self.stage and self.device.type == "cuda"
+        tensors = [torch.empty(shape, dtype=dtype, device=self.wire_device, pin_memory=pin)
+                   for dtype, _, _, shape in meta]
         return tensors, [dist.irecv(t, src, group=group) for t in tensors]
+
+    def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as the data group carries it: contiguous, in a pinned CPU buffer when staged."""
+        t = t.contiguous()
+        if self.stage and t.is_cuda:
+            t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return t
 
     def _complete(self, wanted, waiter):
         """Wait for the next message on the stream of `wanted` (its receives are posted),
@@ -205,8 +235,11 @@ class Links:
         for work in works:
             self._wait(work, src, key, waiter, "data")
         self._post_next(stream)
-        flags = [requires_grad for _, requires_grad, _ in decode_metadata(self.metadata[stream])]
-        return key, tuple(t.requires_grad_() if flag else t for t, flag in zip(tensors, flags))
+        meta = decode_metadata(self.metadata[stream])
+        if self.stage:   # from the pinned buffers, ordered before the compute that uses them
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
+        tensors = self.wire.decode(tensors, [restore for _, restore, _, _ in meta])
+        return key, tuple(t.requires_grad_() if flag else t for t, (_, _, flag, _) in zip(tensors, meta))
 
     def _wait(self, work, src, key, waiter, part):
         try:

@@ -6,6 +6,7 @@ fields (a dataclass subclass) and load everything with `load_config(cls, path, o
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -16,6 +17,9 @@ from . import schedule
 
 RANK_LAYOUTS = ("pipeline_major", "replica_major")
 BACKENDS = (None, "gloo", "nccl")
+PRECISIONS = ("fp32", "bf16", "fp16")
+WIRE_DTYPES = (None, "fp16", "bf16")
+P2P_BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -43,6 +47,22 @@ class PipelineConfig:
     trace: bool = False
     """Record when every op computed and waited (Pipeline.trace_events; the entry points
     write <output_dir>/trace.json)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16: every partition's forward (and recompute) runs under autocast in
+    that dtype; weights, optimizer state and the loss stay fp32; fp16 adds dynamic loss
+    scaling (precision.py states the rule)."""
+    wire_dtype: str | None = None
+    """null, fp16 or bf16: float32/float64 tensors travel point to point in this dtype and
+    are cast back on arrival (fp16 with a power-of-two scale per tensor)."""
+    p2p_backend: str = "auto"
+    """auto, nccl or gloo: how point-to-point tensors travel. gloo: through (pinned) CPU
+    buffers, so several ranks may share one GPU (every collective then runs on gloo too,
+    unless backend is nccl); nccl: GPU to GPU, one GPU per rank; auto: nccl when the
+    backend is nccl, else gloo."""
+    loss_scale_init: float = 65536.0
+    """fp16: the loss scale of the first period."""
+    loss_scale_growth_interval: int = 2000
+    """fp16: periods without overflow after which the loss scale doubles."""
 
     def __post_init__(self):
         self.validate()
@@ -73,6 +93,20 @@ class PipelineConfig:
             raise ValueError(f"rank_layout must be one of {', '.join(RANK_LAYOUTS)}, got {self.rank_layout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be gloo, nccl or null (auto), got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be fp16, bf16 or null (no cast), got {self.wire_dtype!r}")
+        if self.p2p_backend not in P2P_BACKENDS:
+            raise ValueError(f"p2p_backend must be one of {', '.join(P2P_BACKENDS)}, got {self.p2p_backend!r}")
+        if self.p2p_backend == "nccl" and self.backend == "gloo":
+            raise ValueError("p2p_backend nccl needs backend nccl or null, got backend gloo: set "
+                             "p2p_backend gloo (or auto) to run on gloo")
+        if not (isinstance(self.loss_scale_init, (int, float)) and 0 < self.loss_scale_init < math.inf):
+            raise ValueError(f"loss_scale_init must be a finite number > 0, got {self.loss_scale_init!r}")
+        if not isinstance(self.loss_scale_growth_interval, int) or self.loss_scale_growth_interval < 1:
+            raise ValueError(f"loss_scale_growth_interval must be an integer >= 1 (periods), "
+                             f"got {self.loss_scale_growth_interval!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s!r}")
         if self.method == "pipedream_2bw" and self.period > 4 * self.pipeline_depth:

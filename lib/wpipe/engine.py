@@ -15,7 +15,10 @@ Every rank builds its own partitions, checks the schedule, then walks its device
   other devices wait for this one's next op.
 
 Failures are re-raised naming rank, step and op; waits time out (comm.py). With
-`cfg.trace`, every op's compute and every wait is recorded (trace.py).
+`cfg.trace`, every op's compute and every wait is recorded (trace.py). `cfg.precision`
+and `cfg.wire_dtype` follow precision.py: forwards under autocast, the loss in fp32, and
+with fp16 the loss scale of the micro-batch's period and the agreed skip of an update
+whose gradients overflowed.
 """
 from __future__ import annotations
 
@@ -29,11 +32,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from . import schedule
+from . import precision, schedule
 from .check import check_schedule, format_schedule, last_uses
 from .comm import CommError, Links
 from .config import PipelineConfig
-from .topology import Topology, create_groups
+from .topology import Topology, create_groups, resolve_backends, run_device
 from .trace import Recorder, common_origin
 from .versions import WeightVersions
 
@@ -72,12 +75,17 @@ class Pipeline:
             backend = self._check_process_group()
             self.rank = dist.get_rank()
             self.replica, self.device_index = self.topology.coordinates(self.rank)
-            self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-                           else torch.device("cpu"))
+            _, p2p_backend = resolve_backends(backend, cfg.p2p_backend)
+            self.device = run_device(backend, cfg.p2p_backend)
         else:   # probe mode: one device of replica 0, alone (probe.py)
             self.replica, self.device_index = 0, loopback.device_index
             self.rank = self.topology.rank_of(0, self.device_index)
             self.device = loopback.device
+            backend = p2p_backend = None
+        # gloo carries CUDA tensors only through CPU buffers: stage them ourselves.
+        self.collective_device = torch.device("cpu") if backend == "gloo" else self.device
+        self.precision = precision.Policy.from_config(cfg, self.device.type)
+        self.precision.check_device()
         self.num_partitions = self.topology.num_partitions
         self.last_partition = self.num_partitions - 1
         self.loss_fn = loss_fn
@@ -96,14 +104,19 @@ class Pipeline:
 
         self.dp_ranks = [self.topology.rank_of(r, self.device_index) for r in range(cfg.data_parallel)]
         self.trace = Recorder(cfg.trace, self.rank, synchronize=loopback is not None and self.device.type == "cuda")
+        method = schedule.get_method(cfg.method)
+        self.scaler_group = {p: precision.group_of(method.stale(p, cfg.pipeline_depth)) for p in self.local_partitions}
         if loopback is None:
-            groups = create_groups(self.topology, self.rank, backend)
+            groups = create_groups(self.topology, self.rank, backend, p2p_backend)
             self.dp_group = groups.data_parallel
-            self.links = Links(self.rank, groups.streams, self.device, cfg.timeout_s, self.trace)
+            self.links = Links(self.rank, groups.streams, self.device, cfg.timeout_s, self.trace,
+                               self.precision.wire, stage=p2p_backend == "gloo" and self.device.type == "cuda")
+            scaler = self.precision.make_scaler(cfg.method, cfg.pipeline_depth)
+            self.scaler = precision.Agreement(scaler, self.rank, cfg.timeout_s) if scaler else None
             if cfg.trace:
                 self.trace.set_origin(common_origin())
-        else:   # no peers: the loopback stands in for them, and no all-reduce runs
-            self.dp_group, self.links = None, loopback
+        else:   # no peers: the loopback stands in for them; no all-reduce, no fp16 scaler (probe.py)
+            self.dp_group, self.links, self.scaler = None, loopback, None
 
         self.stash_bytes = 0
         self.stash_peak_bytes = 0
@@ -207,6 +220,7 @@ class Pipeline:
         Loading it into a Pipeline built with the same configuration continues the run
         exactly, stale weight versions included."""
         return {"periods_done": self._periods_done, "rank": self.rank,
+                "loss_scaler": self.scaler.scaler.state_dict() if self.scaler else None,
                 "partitions": {p: {**v.state_dict(),
                                    "lr_scheduler": self.lr_schedulers[p].state_dict() if self.lr_schedulers else None}
                                for p, v in self.versions.items()}}
@@ -221,11 +235,15 @@ class Pipeline:
             if self.lr_schedulers and saved["lr_scheduler"] is not None:
                 self.lr_schedulers[p].load_state_dict(saved["lr_scheduler"])
         self._periods_done = state["periods_done"]
+        if self.scaler and state.get("loss_scaler"):
+            self.scaler.scaler.load_state_dict(state["loss_scaler"])
 
     def memory_report(self) -> dict:
         """Bytes this rank's runtime held: peak weights incl. versions, peak stashed
-        activations (tensors autograd saved plus received inputs), optimizer state, and
-        the measured process peak (CUDA max allocated, or CPU max resident set)."""
+        activations (tensors autograd saved plus received inputs, in the dtypes they are
+        stored in: autocast's fp16/bf16 copies shrink it), optimizer state, and the
+        measured process peak (CUDA max allocated, or CPU max resident set); with the
+        precision and wire dtype they were measured under."""
         optimizer_bytes = sum(t.numel() * t.element_size()
                               for v in self.versions.values() for state in v.optimizer.state.values()
                               for t in state.values() if torch.is_tensor(t))
@@ -238,7 +256,20 @@ class Pipeline:
                 "weights_bytes": sum(v.peak_bytes for v in self.versions.values()),
                 "activations_bytes": self.stash_peak_bytes,
                 "optimizer_state_bytes": optimizer_bytes,
-                "peak_bytes": peak, "peak_kind": kind}
+                "peak_bytes": peak, "peak_kind": kind,
+                "precision": self.cfg.precision, "wire_dtype": self.cfg.wire_dtype}
+
+    def precision_report(self) -> dict:
+        """The precision settings, and with fp16 the loss scale's changes ([period, scale],
+        periods of the run from 0) and, per scaler group, the updates skipped for overflow."""
+        report = {"precision": self.cfg.precision, "wire_dtype": self.cfg.wire_dtype,
+                  "p2p_backend": resolve_backends(dist.get_backend(), self.cfg.p2p_backend)[1],
+                  "device": str(self.device)}
+        if self.scaler:
+            self.scaler.scale(self._periods_done - 1)   # every verdict it needs has arrived
+            report.update(loss_scale_changes=self.scaler.scaler.changes(self._periods_done),
+                          overflow_skips=self.scaler.scaler.skipped())
+        return report
 
     def trace_events(self) -> list[dict]:
         """This rank's recorded events in Chrome trace-event form (trace.py); only the
@@ -283,14 +314,15 @@ class Pipeline:
             # Built with autograd (then dropped) so that the outputs say which of them
             # need gradients; the peak is the same as when it is recomputed.
             rng = self._rng_state()
-            out = self._call(p, weights, inputs)
+            with self.precision.autocast():
+                out = self._call(p, weights, inputs)
         else:
-            with self._count_saved(p, weights, saved):
+            with self._count_saved(p, weights, saved), self.precision.autocast():
                 out = self._call(p, weights, inputs)
         outputs = out if isinstance(out, tuple) else (out,)
         loss = None
         if p == self.last_partition:
-            loss = self.loss_fn(out, self._target(mb))
+            loss = self.loss_fn(self.precision.loss_input(out), self._target(mb))
             self._loss_sum[mb // self._period] += loss.detach()
         else:
             self._send(("F", p, mb), p + 1, outputs)
@@ -314,6 +346,8 @@ class Pipeline:
 
     def _backward_compute(self, p, mb, entry, outputs, loss, grads) -> None:
         if p == self.last_partition:
+            if self.scaler:
+                loss = loss * self.scaler.scale(self._periods_done + mb // self._period)
             (loss / self._period).backward()
         else:
             roots = [o for o in outputs if o.requires_grad]
@@ -331,12 +365,20 @@ class Pipeline:
         t = self._updates_started[p]
         self._updates_started[p] += 1
         grads = self.versions[p].gradients(self._version(p, t * self._period))
+        if self.scaler:
+            self.scaler.start(self.scaler_group[p], self._periods_done + t, grads)
         work = flat = None
         if self.dp_group is not None:
             with self.trace.span("compute", f"reduce {op}"):
-                flat = torch.cat([g.reshape(-1) for g in grads])
+                flat = torch.cat([g.reshape(-1) for g in grads]).to(self.collective_device)
                 work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
         self._pending[p] = (work, flat, grads, i, t, op)
+
+    def _update_ready(self, p) -> bool:
+        """Whether the pending update of `p` can finish without waiting."""
+        work, *_, t, _ = self._pending[p]
+        return ((work is None or work.is_completed())
+                and (not self.scaler or self.scaler.ready(self.scaler_group[p], self._periods_done + t)))
 
     def _finish_update(self, p) -> None:
         work, flat, grads, index, t, op = self._pending.pop(p)
@@ -350,11 +392,19 @@ class Pipeline:
                                 f"{p}'s gradients over ranks {self.dp_ranks} did not complete within "
                                 f"{self.cfg.timeout_s:g} s. Likely cause: one of those ranks stopped; "
                                 f"its own log says why.") from error
+        step = True
+        if self.scaler:
+            run_period = self._periods_done + t
+            step = not self.scaler.overflow(self.scaler_group[p], run_period)
         with self.trace.span("compute", op):
             if work is not None:
                 flat /= self.cfg.data_parallel
-                grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
-            self.versions[p].update(grads, index)
+                grads = [chunk.view_as(g).to(g.device)
+                         for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            if self.scaler and step:
+                inverse = 1 / self.scaler.scale(run_period)
+                grads = [g * inverse for g in grads]
+            self.versions[p].update(grads, index, step=step)
             if self.lr_schedulers:
                 self.lr_schedulers[p].step()
         self._updates_done[t] += 1
@@ -366,9 +416,10 @@ class Pipeline:
     def _forward_eval(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
         inputs = self._inputs(mb, keep_target=self.computes_loss) if p == 0 else self._receive(("F", p - 1, mb), p - 1, op)
-        out = self._call(p, None, inputs)
+        with self.precision.autocast():
+            out = self._call(p, None, inputs)
         if p == self.last_partition:
-            self._outputs.append((out, self._fetch(mb)[1]))
+            self._outputs.append((self.precision.loss_input(out), self._fetch(mb)[1]))
             del self._items[mb]
         else:
             self._send(("F", p, mb), p + 1, out if isinstance(out, tuple) else (out,))
@@ -395,12 +446,13 @@ class Pipeline:
         saved = {}
         with torch.random.fork_rng(devices=devices):
             self._set_rng_state(entry.rng)
-            with self._count_saved(p, self.versions[p].weights(entry.version), saved):
+            with self._count_saved(p, self.versions[p].weights(entry.version), saved), self.precision.autocast():
                 out = self._call(p, self.versions[p].weights(entry.version), entry.inputs)
         for buffer, value in buffers:
             buffer.copy_(value)
         self.stash_peak_bytes = max(self.stash_peak_bytes, self.stash_bytes + sum(saved.values()))
-        loss = self.loss_fn(out, self._target_kept(mb)) if p == self.last_partition else None
+        loss = (self.loss_fn(self.precision.loss_input(out), self._target_kept(mb))
+                if p == self.last_partition else None)
         return (out if isinstance(out, tuple) else (out,)), loss
 
     def _rng_state(self):
@@ -444,8 +496,8 @@ class Pipeline:
         if self.topology.device_of(from_partition) == self.device_index:
             return self._local.pop(key)
         if self._pending and not self.links.arrived(key):
-            for p, (work, *_) in list(self._pending.items()):   # this rank would wait anyway:
-                if work is None or work.is_completed():           # update meanwhile
+            for p in list(self._pending):       # this rank would wait anyway: update meanwhile
+                if self._update_ready(p):
                     self._finish_update(p)
         return self.links.recv(key, str(op))
 

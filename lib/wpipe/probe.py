@@ -206,8 +206,14 @@ def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, fl
             for p, times in seconds.items()}
 
 
-def check_launch() -> None:
-    """Probe mode runs in a plain process: refuse torchrun's multi-process launch."""
+def check_launch(cfg) -> None:
+    """Probe mode runs in a plain process, in float32: refuse torchrun's multi-process
+    launch, and reduced precision (the messages are inferred on the meta device, where
+    autocast does not apply, and fp16's loss scaler needs every rank's overflow verdict)."""
+    if cfg.precision != "fp32" or cfg.wire_dtype is not None:
+        raise ValueError(f"mode probe measures float32 runs: precision is {cfg.precision!r} and wire_dtype "
+                         f"{cfg.wire_dtype!r}; set precision fp32 and wire_dtype null (a bf16 device's "
+                         f"bytes and times: tool/bench.py --precision bf16)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         raise ValueError(f"mode probe runs as one plain process (python cv/main.py or nlp/main.py "

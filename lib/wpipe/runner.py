@@ -7,11 +7,13 @@ train (+ evaluation after each epoch) or throughput -> summary.json.
 
 `<output_dir>/summary.json` (written by rank 0, atomically, at the end) holds method,
 pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
-(metrics of the last evaluation), memory (one report per rank), history (per-epoch
-metrics and per-period losses) and the resolved config, which is also written beside it as
-config.yaml when training starts (so that a run that dies can be replayed: tool/replay.py).
-With `trace: true` it also holds `timeline` (per rank busy_s, wait_s, window_s,
-bubble_fraction; trace.py) and every rank's events go to trace.json beside it.
+(metrics of the last evaluation), memory (one report per rank, with the precision its
+bytes were measured under), history (per-epoch metrics and per-period losses), precision
+(Pipeline.precision_report: settings, device, fp16 loss-scale changes and overflow skips)
+and the resolved config, which is also written beside it as config.yaml when training
+starts (so that a run that dies can be replayed: tool/replay.py). With `trace: true` it
+also holds `timeline` (per rank busy_s, wait_s, window_s, bubble_fraction; trace.py) and
+every rank's events go to trace.json beside it.
 
 Checkpoints (checkpoint.py): training runs in chunks that end at every `checkpoint_every`-th
 update (counted over the whole run) and at epoch ends; after a chunk the runner may write a
@@ -198,7 +200,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_class, path, overrides)
     if cfg.mode == "probe":
-        probe.check_launch()
+        probe.check_launch(cfg)
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank)
     torch.manual_seed(cfg.seed)
@@ -216,7 +218,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     if cfg.mode == "probe":   # a plain process: no process group
         return lambda: probe.run(cfg, task, total_periods)
     owns_group = not dist.is_initialized()
-    backend = init_distributed(cfg.backend, cfg.timeout_s)
+    backend = init_distributed(cfg.backend, cfg.timeout_s, cfg.p2p_backend)
     guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
     build_partition = task.build_partition
     if task.measure_block_costs is not None:   # timings differ per process: all cut by rank 0's
@@ -463,7 +465,7 @@ def _summarize(cfg, pipe, result) -> dict:
             "final_loss": sum(tail) / len(tail) if tail else None,
             "eval": result["eval"], "memory": [g["memory"] for g in gathered],
             "history": history, "losses": losses, "skipped_updates": result["skipped_updates"],
-            "config": dataclasses.asdict(cfg)}
+            "precision": pipe.precision_report(), "config": dataclasses.asdict(cfg)}
     if cfg.trace:
         summary["timeline"] = timeline_summary([e for g in gathered for e in g["trace"]])
         summary["trace"] = [g["trace"] for g in gathered]   # written as trace.json, not in summary.json

@@ -79,8 +79,10 @@ class Groups:
     streams: dict[tuple[str, int], tuple[int, int, object, object]]
 
 
-def create_groups(topology: Topology, rank: int, backend: str) -> Groups:
-    """Create every group on every rank, in the same order; keep this rank's."""
+def create_groups(topology: Topology, rank: int, backend: str, p2p_backend: str | None = None) -> Groups:
+    """Create every group on every rank, in the same order; keep this rank's. Stream data
+    groups use `p2p_backend` (resolved: nccl or gloo; None: the run's backend)."""
+    p2p_backend = p2p_backend or backend
     replica, device = topology.coordinates(rank)
     dp_group = None
     if topology.data_parallel > 1:
@@ -97,16 +99,40 @@ def create_groups(topology: Topology, rank: int, backend: str) -> Groups:
             # other (and with NCCL, two ranks sending to each other on one communicator
             # deadlock).
             control = dist.new_group([src, dst], backend="gloo")
-            data = control if backend == "gloo" else dist.new_group([src, dst], backend=backend)
+            data = control if p2p_backend == "gloo" else dist.new_group([src, dst], backend=p2p_backend)
             if rank in (src, dst):
                 streams[(kind, partition)] = (src, dst, control, data)
     return Groups(dp_group, streams)
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> str:
+def resolve_backends(backend: str | None, p2p_backend: str = "auto") -> tuple[str, str]:
+    """(process-group backend, point-to-point backend) of a run. backend None: nccl with
+    CUDA, unless p2p_backend is gloo (ranks may share a GPU: no NCCL at all), else gloo.
+    p2p_backend auto: the process group's backend."""
+    import torch
+
+    backend = backend or ("nccl" if torch.cuda.is_available() and p2p_backend != "gloo" else "gloo")
+    return backend, backend if p2p_backend == "auto" else p2p_backend
+
+
+def run_device(backend: str, p2p_backend: str = "auto"):
+    """The device this rank computes on: its GPU (LOCAL_RANK modulo the GPU count, so that
+    ranks share GPUs when there are fewer) when CUDA is available and the run asks for it
+    (backend nccl, or p2p_backend set explicitly), else the CPU; backend gloo with
+    p2p_backend auto runs on the CPU."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() and (backend == "nccl" or p2p_backend != "auto"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0, p2p_backend: str = "auto") -> str:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Picks nccl with CUDA (and this rank's GPU,
-    LOCAL_RANK), gloo without. Returns the backend."""
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with the backends of `resolve_backends`, and
+    select this rank's GPU when it computes on one (`run_device`). Returns the backend."""
     import os
     from datetime import timedelta
 
@@ -116,11 +142,19 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> st
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not set: launch with torchrun "
                            f"(e.g. torchrun --nproc_per_node=2 script.py)")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+    backend, p2p = resolve_backends(backend, p2p_backend)
+    if "nccl" in (backend, p2p):
         if not torch.cuda.is_available():
-            raise RuntimeError("backend nccl needs CUDA, which is not available here: use gloo")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            raise RuntimeError("backend nccl (or p2p_backend nccl) needs CUDA, which is not available here: "
+                               "use gloo")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local > torch.cuda.device_count():
+            raise RuntimeError(f"NCCL needs one GPU per rank: {local} ranks on this node, "
+                               f"{torch.cuda.device_count()} GPU(s); set p2p_backend gloo (and backend "
+                               f"gloo or null) to share GPUs")
+    device = run_device(backend, p2p_backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -47,8 +47,9 @@ class WeightVersions:
         tensors = dict(self.module.named_parameters()) if version == self.newest else self.stash[version]
         return [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors.values()]
 
-    def update(self, grads: list[torch.Tensor], index: int) -> None:
-        """Make version newest+1 = optimizer step of the newest version with `grads`.
+    def update(self, grads: list[torch.Tensor], index: int, step: bool = True) -> None:
+        """Make version newest+1 = optimizer step of the newest version with `grads`
+        (without `step`: the newest version unchanged, as a skipped fp16 update).
         `index` is the update's position in the op list (to know what is still needed)."""
         self.stash = {v: w for v, w in self.stash.items() if self.last_use.get(v, -1) > index}
         params = dict(self.module.named_parameters())
@@ -58,10 +59,11 @@ class WeightVersions:
         for tensors in [params, *self.stash.values()]:
             for t in tensors.values():
                 t.grad = None
-        for param, grad in zip(params.values(), grads):
-            param.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if step:
+            for param, grad in zip(params.values(), grads):
+                param.grad = grad
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.newest += 1
         self.peak_bytes = max(self.peak_bytes, self.nbytes())
 

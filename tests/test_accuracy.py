@@ -51,7 +51,7 @@ def study(tmp_path):
         _write_run(root, "digits", "0.1", "wpipe", seed, 0.93 + delta)
         _write_run(root, "digits", "0.1", "data_parallel", seed, 0.97 + delta)
     _write_run(root, "digits", "0.01", "gpipe", 1, 0.96)
-    _write_run(root, "digits", "0.1", "gpipe", 1, 0.90)                # finite, but 0.08 below the best
+    _write_run(root, "digits", "0.1", "gpipe", 1, 0.85)                # finite, but below 0.9 x the best
     _write_run(root, "digits", "0.1", "pipedream_2bw", 1, 0.3)
     _write_run(root, "digits", "0.1", "pipedream_2bw", 2, 0.0, diverged=True)
     (root / "digits" / "lr0.1" / "pipedream_flush_seed1").mkdir()   # unfinished: ignored
@@ -65,7 +65,7 @@ def test_aggregate_and_stable_ranges(study):
     assert cells[("0.1", "pipedream_2bw")]["mean"] == pytest.approx(0.15)
     assert cells[("0.1", "pipedream_2bw")]["stopped"] == 1
     assert cells[("0.01", "wpipe")]["std"] == pytest.approx(math.sqrt(2) * 0.01)
-    # Best mean 0.98 (data_parallel at 0.1); stable: every seed >= 0.93.
+    # Best mean 0.98 (data_parallel at 0.1); stable: every seed >= 0.9 x 0.98 = 0.882.
     assert stable_lrs(runs, "test_top1") == {"wpipe": ["0.01", "0.1"], "pipedream_2bw": ["0.01"],
                                              "gpipe": ["0.01"], "data_parallel": ["0.01", "0.1"]}
 
@@ -75,7 +75,7 @@ def test_report_writes_tables_and_curves(study, tmp_path):
     text = report(study, doc)
     assert doc.read_text() == text
     assert (tmp_path / "docs" / "accuracy_digits.png").stat().st_size > 10_000
-    assert "| 0.1 | 0.940 ± 0.014 | 0.150 ± 0.212 † | 0.900 ± 0.000 | 0.980 ± 0.014 |" in text
+    assert "| 0.1 | 0.940 ± 0.014 | 0.150 ± 0.212 † | 0.850 ± 0.000 | 0.980 ± 0.014 |" in text
     assert "- pipedream_2bw: 0.01" in text
     assert "| 0.9 | 3.800 | 0.100 | 38x |" in text
 

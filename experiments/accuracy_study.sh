@@ -17,7 +17,7 @@
 # its log.txt; one line per run is printed here. Then pipedream_2bw's first seed at every lr is
 # replayed through the single-process oracle (tool/replay.py) under its own rule, under the
 # synchronous rule (same data and initial weights), and at the largest lr without momentum.
-# About 45 minutes on 2 idle cores.
+# About 45 minutes on 2 idle cores (a run takes 38-50 s there; 90 minutes on a loaded machine).
 #
 # Variables (defaults): METHODS ("wpipe pipedream_2bw pipedream_flush gpipe data_parallel"),
 # SEEDS ("1 2 3"), LRS ("0.01 0.03 0.1"), NLP_LRS ("1e-4"), TRAIN_PAIRS (400),

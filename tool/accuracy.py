@@ -290,8 +290,9 @@ def advice_section(runs: list[Run]) -> list[str]:
         "only its first group obeys the stale bound.",
         "- A warm-up does not lift the bound: it holds at every step once the curvature is reached.",
         "", "The PipeDream-2BW paper (Narayanan et al., ICML 2021) argues that the one-update delay leaves "
-        "convergence unchanged and shows it for BERT and GPT pre-training with Adam, as we read it; "
-        "it does not report SGD with heavy momentum. Adam divides each step by a running gradient "
+        "convergence unchanged and, to our knowledge, shows it for BERT and GPT pre-training with Adam "
+        "only, not for SGD with heavy momentum (the paper could not be re-read where this report was "
+        "made). Adam divides each step by a running gradient "
         "scale, so its step does not grow with the curvature as the bound assumes; the pairs suite "
         "shows what the delay still costs in a short fine-tuning run.", ""]
     return lines

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wpipe import reference, schedule  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
-from wpipe.runner import parse_cli  # noqa: E402
+from wpipe.runner import parse_cli, periods_per_epoch  # noqa: E402
 
 
 def entry_point(config_path: Path):
@@ -57,9 +57,7 @@ def replay(run_dir: Path, overrides: dict, max_periods: int | None = None) -> di
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)
     period, replicas = cfg.period, cfg.data_parallel
-    per_epoch = len(task.train_data(0, 0)) // period
-    if cfg.max_periods_per_epoch is not None:
-        per_epoch = min(per_epoch, cfg.max_periods_per_epoch)
+    per_epoch = periods_per_epoch(cfg, len(task.train_data(0, 0)))
     total = cfg.epochs * per_epoch
     count = total if max_periods is None else min(total, max_periods)
     data = [[] for _ in range(replicas)]

@@ -263,10 +263,11 @@ def _total_periods(cfg, task) -> int:
         return cfg.throughput_periods + cfg.throughput_warmup_periods
     if cfg.mode == "probe":
         return cfg.probe_periods + cfg.throughput_warmup_periods
-    return cfg.epochs * _periods_per_epoch(cfg, len(task.train_data(0, 0)))
+    return cfg.epochs * periods_per_epoch(cfg, len(task.train_data(0, 0)))
 
 
-def _periods_per_epoch(cfg, num_micro_batches: int) -> int:
+def periods_per_epoch(cfg, num_micro_batches: int) -> int:
+    """Updates per epoch from an epoch's micro-batches (capped by max_periods_per_epoch)."""
     periods = num_micro_batches // cfg.period
     if cfg.max_periods_per_epoch is not None:
         periods = min(periods, cfg.max_periods_per_epoch)
@@ -350,7 +351,7 @@ def _epoch_items(data, start: int):
 
 def _train(cfg, task, pipe, resumed: dict | None, signals: Signals, guard: nonfinite.Guard) -> dict:
     history = []
-    per_epoch = _periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
+    per_epoch = periods_per_epoch(cfg, len(task.train_data(0, pipe.replica)))
     meter = _Meter(cfg, pipe, per_epoch * cfg.epochs, "train")
     first_epoch, first_period = 0, 0
     if resumed:

@@ -1,7 +1,7 @@
 """Check the chain blocks -> cost model -> simulator against real 2-process CPU runs.
 
-    python tool/validate_model.py [--methods LIST] [--recompute] [--skip-bench] [--skip-nlp]
-                                  [--output-dir runs/validate]
+    python tool/validate_model.py [--methods LIST] [--recompute] [--rounds 3] [--skip-bench]
+                                  [--skip-nlp] [--output-dir runs/validate]
 
 Runs, for each method, (1) tool/bench.py's configuration (4 TransformerEncoderLayer blocks,
 hidden 256, sequence 128, micro-batch 8, depth 2, AdamW) and (2) nlp/main.py in throughput
@@ -9,17 +9,22 @@ mode on a BERT of the same size (4 layers, hidden 256, 4 heads, FFN 1024, sequen
 micro-batch 8), each as 2 processes of one thread. It predicts both the way tool/plan.py
 predicts a GPU run: the model's blocks measured one at a time in this process (bytes, and
 seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says op_times
-measured), the cost model, the simulator. Printed: predicted and measured samples/s with
-the error, and per rank predicted and reported weights, activations and optimizer bytes
-(which must be equal; exit status 1 otherwise). Timings on a shared machine are noisy: the
-load average is printed, and for the bench runs the largest share of the timed window that
-a rank was runnable but starved of a CPU.
+measured), the cost model, the simulator.
+
+The speed of these shared machines drifts by tens of percent from one minute to the next,
+so one run says little: each of `--rounds` rounds measures the blocks, then runs every
+method (the order rotated from round to round), and the medians are compared. Printed per
+method: the medians of predicted and measured samples/s, their error, the measured range,
+for the bench runs the largest share of a timed window that a rank was runnable but starved
+of a CPU, and whether every run's per-rank weights, activations and optimizer bytes equal
+the prediction (exit status 1 otherwise). Everything goes to <output-dir>/validate.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -102,46 +107,77 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are compared")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-nlp", action="store_true")
     parser.add_argument("--output-dir", default=str(ROOT / "runs" / "validate"))
     args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(methods) - set(METHODS)):
+        parser.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(1)
     hw = load_hardware(HARDWARE)
     load_before = os.getloadavg()
     suites = [(name, make, runner) for name, make, runner, skip in
               (("bench", bench_model, run_bench, args.skip_bench), ("nlp", nlp_model, run_nlp, args.skip_nlp))
               if not skip]
-    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7} {'starved':>7}   "
-             f"memory per rank (weights, activations, optimizer bytes)"]
     rows, exact = [], True
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make, runner in suites:
-            model = make()
-            blocks = model.measure(timed_micro_batch=MICRO_BATCH)
-            for method in [m for m in args.methods.split(",") if m]:
-                predicted, memory = predict(model, blocks, hw, method, args.recompute)
-                # starved: the most any rank of the run was runnable without a CPU (other load)
-                measured, reported, starved = runner(method, args.recompute, Path(tmp) / f"{name}_{method}")
-                same = all(memory[r["device"] if "device" in r else r["rank"]][f] == r[f]
-                           for r in reported for f in FIELDS)
-                exact &= same
-                rows.append({"run": name, "method": method, "predicted": predicted, "measured": measured,
-                             "starved": starved, "memory_predicted": memory, "memory_reported": reported})
-                lines.append(f"{name:<6} {method:<16} {predicted:>9.2f} {measured:>9.2f} "
-                             f"{predicted / measured - 1:>+7.1%} "
-                             + (f"{starved:>7.2f}   " if starved is not None else f"{'-':>7}   ")
-                             + ("equal: " if same else "DIFFERENT: ")
-                             + "; ".join(f"rank {r['rank']} {', '.join(str(r[f]) for f in FIELDS)}" for r in reported))
+        for round_ in range(args.rounds):
+            for name, make, runner in suites:
+                model = make()
+                blocks = model.measure(timed_micro_batch=MICRO_BATCH)   # this round's op seconds
+                shift = round_ % len(methods)                           # no method always runs first
+                for method in methods[shift:] + methods[:shift]:
+                    predicted, memory = predict(model, blocks, hw, method, args.recompute)
+                    measured, reported, starved = runner(method, args.recompute, Path(tmp) / f"{name}_{method}_{round_}")
+                    same = all(memory[r["device"] if "device" in r else r["rank"]][f] == r[f]
+                               for r in reported for f in FIELDS)
+                    exact &= same
+                    rows.append({"round": round_, "run": name, "method": method, "predicted": predicted,
+                                 "measured": measured, "starved": starved, "memory_equal": same,
+                                 "memory_predicted": memory, "memory_reported": reported})
+                    print(f"round {round_ + 1}/{args.rounds} {name} {method}: predicted {predicted:.2f}, measured "
+                          f"{measured:.2f} samples/s, memory {'equal' if same else 'DIFFERENT'}", flush=True)
     load = (load_before, os.getloadavg())
-    lines.append(f"samples/s; recompute {'on' if args.recompute else 'off'}; load average (1, 5, 15 min) before "
-                 f"{', '.join(f'{x:.2f}' for x in load[0])}, after {', '.join(f'{x:.2f}' for x in load[1])} "
-                 f"on {os.cpu_count()} CPUs")
+    summary = summarize(rows)
+    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7}  {'measured min-max':>16}  "
+             f"{'starved':>7}  memory"]
+    for s in summary:
+        lines.append(f"{s['run']:<6} {s['method']:<16} {s['predicted']:>9.2f} {s['measured']:>9.2f} {s['error']:>+7.1%}  "
+                     f"{s['measured_min']:>7.2f}-{s['measured_max']:<8.2f}  "
+                     + (f"{s['starved']:>7.2f}" if s["starved"] is not None else f"{'-':>7}")
+                     + f"  {'equal' if s['memory_equal'] else 'DIFFERENT'} in {s['rounds']} runs")
+    lines.append(f"samples/s, medians over {args.rounds} interleaved round(s) (each measures the blocks, then runs "
+                 f"every method, the order rotated); recompute {'on' if args.recompute else 'off'}; load average "
+                 f"(1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load[0])}, after "
+                 f"{', '.join(f'{x:.2f}' for x in load[1])} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "validate.json").write_text(json.dumps({"rows": rows, "load_average": load, "report": lines}, indent=1))
+    (out / "validate.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows, "summary": summary,
+                                                   "load_average": load, "report": lines}, indent=1))
     return 0 if exact else 1
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (run, method): the medians of predicted and measured samples/s over the rounds,
+    the error of the medians, the measured range, the most any rank was starved, and
+    whether every run's memory accounting equalled the prediction."""
+    out = []
+    for key in dict.fromkeys((r["run"], r["method"]) for r in rows):
+        mine = [r for r in rows if (r["run"], r["method"]) == key]
+        predicted = statistics.median(r["predicted"] for r in mine)
+        measured = [r["measured"] for r in mine]
+        starved = [r["starved"] for r in mine if r["starved"] is not None]
+        out.append({"run": key[0], "method": key[1], "rounds": len(mine), "predicted": predicted,
+                    "measured": statistics.median(measured), "error": predicted / statistics.median(measured) - 1,
+                    "measured_min": min(measured), "measured_max": max(measured),
+                    "starved": max(starved) if starved else None,
+                    "memory_equal": all(r["memory_equal"] for r in mine)})
+    return out
 
 
 if __name__ == "__main__":

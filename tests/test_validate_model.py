@@ -1,0 +1,35 @@
+"""tool/validate_model.py's summary (medians over rounds) and its section in docs/paper_scale.md."""
+import sys
+
+from launch import ROOT
+
+sys.path.insert(0, str(ROOT / "tool"))
+import paper_scale  # noqa: E402
+import validate_model  # noqa: E402
+
+
+def row(round_, method, predicted, measured, equal=True, run="bench"):
+    return {"round": round_, "run": run, "method": method, "predicted": predicted, "measured": measured,
+            "starved": 0.01 * round_, "memory_equal": equal}
+
+
+def test_summary_compares_the_medians_over_rounds():
+    rows = [row(0, "wpipe", 50, 40), row(0, "gpipe", 30, 30),
+            row(1, "gpipe", 31, 20), row(1, "wpipe", 48, 44),
+            row(2, "wpipe", 60, 41, equal=False), row(2, "gpipe", 29, 31)]
+    wpipe, gpipe = validate_model.summarize(rows)
+    assert (wpipe["method"], wpipe["rounds"], wpipe["predicted"], wpipe["measured"]) == ("wpipe", 3, 50, 41)
+    assert wpipe["error"] == 50 / 41 - 1
+    assert (wpipe["measured_min"], wpipe["measured_max"], wpipe["starved"]) == (40, 44, 0.02)
+    assert not wpipe["memory_equal"] and gpipe["memory_equal"]
+    assert (gpipe["predicted"], gpipe["measured"]) == (30, 30)
+
+
+def test_section_says_which_medians_are_within_ten_percent():
+    rows = [row(r, m, p, q) for r in range(3) for m, p, q in (("wpipe", 50, 40), ("gpipe", 30, 29))]
+    lines = paper_scale._validation_lines({"rounds": 3, "summary": validate_model.summarize(rows),
+                                          "report": ["load average ..."]})
+    text = "\n".join(lines)
+    assert "| bench | wpipe | 50.00 | 40.00 | +25.0% | 40.00-40.00 | equal in 3 runs |" in text
+    assert "Within 10%: bench gpipe." in text and "Beyond: bench wpipe (+25%)." in text
+    assert "exact in every run" in text

@@ -246,11 +246,6 @@ def _plots(plots, equal_rows, folder: Path, hw) -> list[str]:
     return names
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(main())
-
-
 def _validation_lines(validation: dict) -> list[str]:
     """The CPU-scale check (tool/validate_model.py's validate.json) as a section."""
     summary = validation["summary"]
@@ -274,3 +269,8 @@ def _validation_lines(validation: dict) -> list[str]:
               + (f"Within 10%: {', '.join(within)}. " if within else "No median is within 10%. ")
               + (f"Beyond: {', '.join(beyond)}." if beyond else "")]
     return lines
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

@@ -9,7 +9,8 @@ import validate_model  # noqa: E402
 
 
 def row(round_, method, predicted, measured, equal=True, run="bench"):
-    return {"round": round_, "run": run, "method": method, "predicted": predicted, "measured": measured,
+    return {"round": round_, "run": run, "method": method, "predicted": predicted,
+            "predicted_alone": predicted * 1.2, "measured": measured,
             "starved": 0.01 * round_, "memory_equal": equal}
 
 
@@ -20,6 +21,7 @@ def test_summary_compares_the_medians_over_rounds():
     wpipe, gpipe = validate_model.summarize(rows)
     assert (wpipe["method"], wpipe["rounds"], wpipe["predicted"], wpipe["measured"]) == ("wpipe", 3, 50, 41)
     assert wpipe["error"] == 50 / 41 - 1
+    assert (wpipe["predicted_alone"], wpipe["error_alone"]) == (60, 60 / 41 - 1)
     assert (wpipe["measured_min"], wpipe["measured_max"], wpipe["starved"]) == (40, 44, 0.02)
     assert not wpipe["memory_equal"] and gpipe["memory_equal"]
     assert (gpipe["predicted"], gpipe["measured"]) == (30, 30)
@@ -30,6 +32,6 @@ def test_section_says_which_medians_are_within_ten_percent():
     lines = paper_scale._validation_lines({"rounds": 3, "summary": validate_model.summarize(rows),
                                           "report": ["load average ..."]})
     text = "\n".join(lines)
-    assert "| bench | wpipe | 50.00 | 40.00 | +25.0% | 40.00-40.00 | equal in 3 runs |" in text
+    assert "| bench | wpipe | 50.00 | 40.00 | +25.0% | 60.00 (+50.0%) | 40.00-40.00 | equal in 3 runs |" in text
     assert "Within 10%: bench gpipe." in text and "Beyond: bench wpipe (+25%)." in text
     assert "exact in every run" in text

@@ -252,14 +252,17 @@ def _validation_lines(validation: dict) -> list[str]:
     lines = ["", "## Validation at CPU scale (measured)", "",
              "Real 2-process CPU runs (tool/validate_model.py: tool/bench.py's model and nlp/main.py throughput "
              f"mode), {validation['rounds']} interleaved rounds, against the same chain with per-block seconds "
-             "measured in one process at the start of each round. Samples/s are medians over the rounds; the "
-             "measured range shows how much the machine drifted. Memory: predicted and reported bytes per rank, "
-             "every run.", "",
-             "| run | method | predicted samples/s | measured samples/s | error | measured range | memory |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "measured at the start of each round in one process beside one other running the same blocks (a "
+             "run's two processes share the machine), and, for comparison, alone. Samples/s are medians over the "
+             "rounds; the measured range shows how much the machine drifted. Memory: predicted and reported bytes "
+             "per rank, every run.", "",
+             "| run | method | predicted samples/s | measured samples/s | error | predicted from blocks timed alone "
+             "(error) | measured range | memory |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         lines.append(f"| {s['run']} | {s['method']} | {s['predicted']:.2f} | {s['measured']:.2f} | "
-                     f"{s['error']:+.1%} | {s['measured_min']:.2f}-{s['measured_max']:.2f} | "
+                     f"{s['error']:+.1%} | {s['predicted_alone']:.2f} ({s['error_alone']:+.1%}) | "
+                     f"{s['measured_min']:.2f}-{s['measured_max']:.2f} | "
                      f"{'equal' if s['memory_equal'] else 'DIFFERENT'} in {s['rounds']} runs |")
     within = [f"{s['run']} {s['method']}" for s in summary if abs(s["error"]) <= 0.10]
     beyond = [f"{s['run']} {s['method']} ({s['error']:+.0%})" for s in summary if abs(s["error"]) > 0.10]

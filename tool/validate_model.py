@@ -9,12 +9,16 @@ mode on a BERT of the same size (4 layers, hidden 256, 4 heads, FFN 1024, sequen
 micro-batch 8), each as 2 processes of one thread. It predicts both the way tool/plan.py
 predicts a GPU run: the model's blocks measured one at a time in this process (bytes, and
 seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says op_times
-measured), the cost model, the simulator.
+measured), the cost model, the simulator. A run's 2 processes share this machine, and two
+processes run an op slower than one alone: the seconds are measured while DEPTH - 1 helper
+processes run the same blocks over and over (measure_beside_load); the prediction from
+seconds measured alone is printed beside it.
 
 The speed of these shared machines drifts by tens of percent from one minute to the next,
 so one run says little: each of `--rounds` rounds measures the blocks, then runs every
 method (the order rotated from round to round), and the medians are compared. Printed per
-method: the medians of predicted and measured samples/s, their error, the measured range,
+method: the medians of predicted (beside load, and alone) and measured samples/s, their
+errors, the measured range,
 for the bench runs the largest share of a timed window that a rank was runnable but starved
 of a CPU, and whether every run's per-rank weights, activations and optimizer bytes equal
 the prediction (exit status 1 otherwise). Everything goes to <output-dir>/validate.json.
@@ -25,8 +29,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from wpipe import costmodel, partition, schedule  # noqa: E402
-from wpipe.blockcost import BlockSpec, ModelBlocks  # noqa: E402
+from wpipe.blockcost import BlockSpec, ModelBlocks, measure_blocks  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
 from wpipe.hardware import load_hardware  # noqa: E402
 from wpipe.launch import run, torchrun_command  # noqa: E402
@@ -48,6 +55,7 @@ DEPTH, MICRO_BATCH, LAYERS, HIDDEN, SEQ = 2, 8, 4, 256, 128
 PERIODS, WARMUP = 10, 2
 NLP = {"num_layers": LAYERS, "hidden": HIDDEN, "heads": 4, "ffn": 4 * HIDDEN, "max_seq_length": SEQ,
        "micro_batch_size": MICRO_BATCH, "vocab_size": 1000, "synthetic_samples": 256}
+LOAD_START_S, LOAD_LIMIT_S = 12, 600
 FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 
 
@@ -66,6 +74,31 @@ def nlp_model() -> ModelBlocks:
     from nlp.main import NlpConfig, model_blocks
     return model_blocks(load_config(NlpConfig, ROOT / "network_conf" / "nlp_tiny.yaml",
                                     {k: str(v) for k, v in NLP.items()}))
+
+
+def measure_beside_load(name: str, model: ModelBlocks) -> list:
+    """The blocks measured while DEPTH - 1 other processes run the same blocks' forward,
+    backward and step over and over: a real run's processes share this machine, and each
+    runs its ops beside the others'."""
+    helpers = [subprocess.Popen([sys.executable, __file__, "--load-blocks", name], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL) for _ in range(DEPTH - 1)]
+    try:
+        time.sleep(LOAD_START_S)   # the helpers' imports, until they loop
+        return model.measure(timed_micro_batch=MICRO_BATCH)
+    finally:
+        for helper in helpers:     # exactly the processes started here
+            helper.kill()
+            helper.wait()
+
+
+def load_blocks(model: ModelBlocks) -> None:
+    """The load of measure_beside_load: the blocks timed again and again, until the parent
+    closes stdin (or dies) or LOAD_LIMIT_S passes."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    deadline = time.monotonic() + LOAD_LIMIT_S
+    while not stop.is_set() and time.monotonic() < deadline:
+        measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, repeats=20)
 
 
 def predict(model: ModelBlocks, blocks, hw, method: str, recompute: bool) -> tuple[float, list[dict]]:
@@ -111,7 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-nlp", action="store_true")
     parser.add_argument("--output-dir", default=str(ROOT / "runs" / "validate"))
+    parser.add_argument("--load-blocks", choices=("bench", "nlp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load_blocks:
+        torch.set_num_threads(1)
+        load_blocks({"bench": bench_model, "nlp": nlp_model}[args.load_blocks]())
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
@@ -128,30 +166,33 @@ def main(argv=None) -> int:
         for round_ in range(args.rounds):
             for name, make, runner in suites:
                 model = make()
-                blocks = model.measure(timed_micro_batch=MICRO_BATCH)   # this round's op seconds
+                alone = model.measure(timed_micro_batch=MICRO_BATCH)     # this round's op seconds
+                blocks = measure_beside_load(name, model)
                 shift = round_ % len(methods)                           # no method always runs first
                 for method in methods[shift:] + methods[:shift]:
                     predicted, memory = predict(model, blocks, hw, method, args.recompute)
+                    predicted_alone, _ = predict(model, alone, hw, method, args.recompute)
                     measured, reported, starved = runner(method, args.recompute, Path(tmp) / f"{name}_{method}_{round_}")
                     same = all(memory[r["device"] if "device" in r else r["rank"]][f] == r[f]
                                for r in reported for f in FIELDS)
                     exact &= same
                     rows.append({"round": round_, "run": name, "method": method, "predicted": predicted,
-                                 "measured": measured, "starved": starved, "memory_equal": same,
+                                 "predicted_alone": predicted_alone, "measured": measured, "starved": starved, "memory_equal": same,
                                  "memory_predicted": memory, "memory_reported": reported})
-                    print(f"round {round_ + 1}/{args.rounds} {name} {method}: predicted {predicted:.2f}, measured "
+                    print(f"round {round_ + 1}/{args.rounds} {name} {method}: predicted {predicted:.2f} (alone {predicted_alone:.2f}), measured "
                           f"{measured:.2f} samples/s, memory {'equal' if same else 'DIFFERENT'}", flush=True)
     load = (load_before, os.getloadavg())
     summary = summarize(rows)
-    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7}  {'measured min-max':>16}  "
-             f"{'starved':>7}  memory"]
+    lines = [f"{'run':<6} {'method':<16} {'predicted':>9} {'measured':>9} {'error':>7}  {'alone':>6} {'error':>7}  "
+             f"{'measured min-max':>16}  {'starved':>7}  memory"]
     for s in summary:
         lines.append(f"{s['run']:<6} {s['method']:<16} {s['predicted']:>9.2f} {s['measured']:>9.2f} {s['error']:>+7.1%}  "
+                     f"{s['predicted_alone']:>6.2f} {s['error_alone']:>+7.1%}  "
                      f"{s['measured_min']:>7.2f}-{s['measured_max']:<8.2f}  "
                      + (f"{s['starved']:>7.2f}" if s["starved"] is not None else f"{'-':>7}")
                      + f"  {'equal' if s['memory_equal'] else 'DIFFERENT'} in {s['rounds']} runs")
-    lines.append(f"samples/s, medians over {args.rounds} interleaved round(s) (each measures the blocks, then runs "
-                 f"every method, the order rotated); recompute {'on' if args.recompute else 'off'}; load average "
+    lines.append(f"samples/s, medians over {args.rounds} interleaved round(s) (each measures the blocks beside load and "
+                 f"alone, then runs every method, the order rotated); recompute {'on' if args.recompute else 'off'}; load average "
                  f"(1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load[0])}, after "
                  f"{', '.join(f'{x:.2f}' for x in load[1])} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
@@ -163,17 +204,19 @@ def main(argv=None) -> int:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (run, method): the medians of predicted and measured samples/s over the rounds,
-    the error of the medians, the measured range, the most any rank was starved, and
+    """Per (run, method): the medians of predicted (op seconds measured beside load, and
+    alone) and measured samples/s over the rounds, the errors of the medians, the measured range, the most any rank was starved, and
     whether every run's memory accounting equalled the prediction."""
     out = []
     for key in dict.fromkeys((r["run"], r["method"]) for r in rows):
         mine = [r for r in rows if (r["run"], r["method"]) == key]
         predicted = statistics.median(r["predicted"] for r in mine)
+        alone = statistics.median(r["predicted_alone"] for r in mine)
         measured = [r["measured"] for r in mine]
         starved = [r["starved"] for r in mine if r["starved"] is not None]
         out.append({"run": key[0], "method": key[1], "rounds": len(mine), "predicted": predicted,
                     "measured": statistics.median(measured), "error": predicted / statistics.median(measured) - 1,
+                    "predicted_alone": alone, "error_alone": alone / statistics.median(measured) - 1,
                     "measured_min": min(measured), "measured_max": max(measured),
                     "starved": max(starved) if starved else None,
                     "memory_equal": all(r["memory_equal"] for r in mine)})

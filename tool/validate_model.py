@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,7 @@ DEPTH, MICRO_BATCH, LAYERS, HIDDEN, SEQ = 2, 8, 4, 256, 128
 PERIODS, WARMUP = 10, 2
 NLP = {"num_layers": LAYERS, "hidden": HIDDEN, "heads": 4, "ffn": 4 * HIDDEN, "max_seq_length": SEQ,
        "micro_batch_size": MICRO_BATCH, "vocab_size": 1000, "synthetic_samples": 256}
-LOAD_START_S, LOAD_LIMIT_S = 12, 600
+LOAD_START_TIMEOUT_S, LOAD_LIMIT_S, TIMED_REPEATS = 120, 900, 10
 FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 
 
@@ -77,14 +78,18 @@ def nlp_model() -> ModelBlocks:
 
 
 def measure_beside_load(name: str, model: ModelBlocks) -> list:
-    """The blocks measured while DEPTH - 1 other processes run the same blocks' forward,
-    backward and step over and over: a real run's processes share this machine, and each
-    runs its ops beside the others'."""
+    """The blocks measured (median of TIMED_REPEATS) while DEPTH - 1 helper processes run
+    the same blocks' forward, backward and step over and over: a real run's processes share
+    this machine, and each runs its ops beside the others'."""
     helpers = [subprocess.Popen([sys.executable, __file__, "--load-blocks", name], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL) for _ in range(DEPTH - 1)]
+                                stdout=subprocess.PIPE) for _ in range(DEPTH - 1)]
     try:
-        time.sleep(LOAD_START_S)   # the helpers' imports, until they loop
-        return model.measure(timed_micro_batch=MICRO_BATCH)
+        for helper in helpers:     # each says "ready" once its loop runs
+            ready, _, _ = select.select([helper.stdout], [], [], LOAD_START_TIMEOUT_S)
+            if not ready or helper.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"load helper (pid {helper.pid}) for the {name} blocks did not report ready "
+                                   f"within {LOAD_START_TIMEOUT_S} s (exit status {helper.poll()})")
+        return measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
     finally:
         for helper in helpers:     # exactly the processes started here
             helper.kill()
@@ -92,13 +97,14 @@ def measure_beside_load(name: str, model: ModelBlocks) -> list:
 
 
 def load_blocks(model: ModelBlocks) -> None:
-    """The load of measure_beside_load: the blocks timed again and again, until the parent
-    closes stdin (or dies) or LOAD_LIMIT_S passes."""
+    """The load of measure_beside_load: the blocks timed again and again, "ready" printed
+    after the first pass, until the parent closes stdin (or dies) or LOAD_LIMIT_S passes."""
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     deadline = time.monotonic() + LOAD_LIMIT_S
     while not stop.is_set() and time.monotonic() < deadline:
-        measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, repeats=20)
+        measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
+        print("ready", flush=True)
 
 
 def predict(model: ModelBlocks, blocks, hw, method: str, recompute: bool) -> tuple[float, list[dict]]:

@@ -87,8 +87,11 @@ def measure_beside_load(name: str, model: ModelBlocks) -> list:
         for helper in helpers:     # each says "ready" once its loop runs
             ready, _, _ = select.select([helper.stdout], [], [], LOAD_START_TIMEOUT_S)
             if not ready or helper.stdout.readline().strip() != b"ready":
-                raise RuntimeError(f"load helper (pid {helper.pid}) for the {name} blocks did not report ready "
-                                   f"within {LOAD_START_TIMEOUT_S} s (exit status {helper.poll()})")
+                status = helper.wait(5) if ready else None   # a line that is not "ready": its end
+                raise RuntimeError(f"load helper (pid {helper.pid}) for the {name} blocks "
+                                   + (f"exited with status {status}" if ready else
+                                      f"did not report ready within {LOAD_START_TIMEOUT_S} s")
+                                   + " before its loop ran")
         return measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
     finally:
         for helper in helpers:     # exactly the processes started here

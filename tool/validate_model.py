@@ -12,16 +12,16 @@ seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says 
 measured), the cost model, the simulator. A run's 2 processes share this machine, and two
 processes run an op slower than one alone: the seconds are measured while DEPTH - 1 helper
 processes run the same blocks over and over (measure_beside_load); the prediction from
-seconds measured alone is printed beside it.
+seconds measured alone, as tool/plan.py measures them, is printed beside it.
 
 The speed of these shared machines drifts by tens of percent from one minute to the next,
 so one run says little: each of `--rounds` rounds measures the blocks, then runs every
 method (the order rotated from round to round), and the medians are compared. Printed per
 method: the medians of predicted (beside load, and alone) and measured samples/s, their
-errors, the measured range,
-for the bench runs the largest share of a timed window that a rank was runnable but starved
-of a CPU, and whether every run's per-rank weights, activations and optimizer bytes equal
-the prediction (exit status 1 otherwise). Everything goes to <output-dir>/validate.json.
+errors, the measured range, for the bench runs the largest share of a timed window that a
+rank was runnable but starved of a CPU, and whether every run's per-rank weights,
+activations and optimizer bytes equal the prediction (exit status 1 otherwise).
+Everything goes to <output-dir>/validate.json.
 """
 from __future__ import annotations
 

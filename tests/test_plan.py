@@ -141,6 +141,39 @@ def test_ring_allreduce_and_links():
     assert hw.allreduce_seconds([3], nbytes) == 0
 
 
+def test_messages_cost_both_ends_compute_where_partitions_change_device():
+    """Partition p's forward receives its inputs (a[p] bytes) and sends a[p+1]; its backward
+    receives g[p+1] bytes of gradients and sends g[p]; each where the neighbour partition is
+    on another device, at p2p_cpu_us_per_mb per MB."""
+    inputs, grads = [100e6, 200e6, 300e6, 400e6], [0, 20e6, 30e6, 40e6]
+    parts = [costmodel.PartitionCost(range(p, p + 1), 0, 0, int(a), int(g), 0, 0, 0, 0, 0, None)
+             for p, (a, g) in enumerate(zip(inputs, grads))]
+    hw = hardware(p2p_cpu_us_per_mb=1000)    # 1 ms per MB
+    wpipe = costmodel.message_cpu_seconds(parts, costmodel.Topology("wpipe", 2, 1, "pipeline_major"), hw)
+    expected = [(0.2, 0.02, 0), (0.2 + 0.3, 0.03 + 0.02, 0), (0.3 + 0.4, 0.04 + 0.03, 0), (0.4, 0.04, 0)]
+    assert [x for op in wpipe for x in op] == pytest.approx([x for op in expected for x in op])
+    # wpipe with N = 1: both partitions on the one device, nothing crosses
+    one = costmodel.message_cpu_seconds(parts[:2], costmodel.Topology("wpipe", 1, 1, "pipeline_major"), hw)
+    assert one == [(0, 0, 0), (0, 0, 0)]
+    free = costmodel.message_cpu_seconds(parts, costmodel.Topology("wpipe", 2, 1, "pipeline_major"),
+                                         hardware(p2p_cpu_us_per_mb=0))
+    assert free == [(0, 0, 0)] * 4
+
+
+def test_message_cost_slows_wpipe_more_than_2bw(model):
+    """wpipe's 2N partitions cross devices 2N - 1 times, 2BW's N partitions N - 1 times."""
+    blocks, uniform_plan = model
+    speeds = {}
+    for cost in (0, 5000):
+        hw = hardware(p2p_cpu_us_per_mb=cost)
+        for method in ("wpipe", "pipedream_2bw"):
+            ranges = plan.ranges_of([b.name for b in blocks], uniform_plan(schedule.num_partitions(method, 2)))
+            parts = costmodel.partition_costs(blocks, ranges, 8)
+            speeds[method, cost] = costmodel.samples_per_second(method, 2, 1, "pipeline_major", parts, 8, hw, False)
+    assert speeds["wpipe", 5000] < speeds["wpipe", 0] and speeds["pipedream_2bw", 5000] < speeds["pipedream_2bw", 0]
+    assert (speeds["wpipe", 5000] / speeds["wpipe", 0]) < (speeds["pipedream_2bw", 5000] / speeds["pipedream_2bw", 0])
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_load(preset):
     hw = load_hardware(preset)

@@ -1,4 +1,7 @@
 """tool/validate_model.py's summary (medians over rounds) and its section in docs/paper_scale.md."""
+import json
+import math
+import statistics
 import sys
 
 from launch import ROOT
@@ -35,3 +38,10 @@ def test_section_says_which_medians_are_within_ten_percent():
     assert "| bench | wpipe | 50.00 | 40.00 | +25.0% | 60.00 (+50.0%) | 40.00-40.00 | equal in 3 runs |" in text
     assert "Within 10%: bench gpipe." in text and "Beyond: bench wpipe (+25%)." in text
     assert "exact in every run" in text
+
+
+def test_message_cost_is_measured_by_two_processes(tmp_path):
+    cost = validate_model.measure_message_cost(tmp_path, rounds=1)
+    per_rank = json.loads((tmp_path / "message_cost.json").read_text())
+    assert len(per_rank) == 2 and all(math.isfinite(x) for x in per_rank)
+    assert cost == statistics.median(per_rank)

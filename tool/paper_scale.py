@@ -252,8 +252,9 @@ def _validation_lines(validation: dict) -> list[str]:
     lines = ["", "## Validation at CPU scale (measured)", "",
              "Real 2-process CPU runs (tool/validate_model.py: tool/bench.py's model and nlp/main.py throughput "
              f"mode), {validation['rounds']} interleaved rounds, against the same chain with per-block seconds "
-             "measured at the start of each round in one process beside one other running the same blocks (a "
-             "run's two processes share the machine), and, for comparison, alone. Samples/s are medians over the "
+             "measured right before each run in one process beside one other running the same blocks (a "
+             "run's two processes share the machine), and, for comparison, alone"
+             + _message_cost_words(validation.get("message_costs")) + ". Samples/s are medians over the "
              "rounds; the measured range shows how much the machine drifted. Memory: predicted and reported bytes "
              "per rank, every run.", "",
              "| run | method | predicted samples/s | measured samples/s | error | predicted from blocks timed alone "
@@ -272,6 +273,17 @@ def _validation_lines(validation: dict) -> list[str]:
               + (f"Within 10%: {', '.join(within)}. " if within else "No median is within 10%. ")
               + (f"Beyond: {', '.join(beyond)}." if beyond else "")]
     return lines
+
+
+def _message_cost_words(costs: list[float] | None) -> str:
+    """The messages' compute cost measured in each round, in words (none in a validate.json
+    written before it was measured)."""
+    if not costs:
+        return ""
+    return (f"; the compute each MB of point-to-point messages takes from both ends (p2p_cpu_us_per_mb) is "
+            f"measured in each round too, by two processes exchanging messages while they compute: "
+            f"{', '.join(f'{c:.0f}' for c in costs)} us per MB (the blocks-alone prediction takes the "
+            f"preset's figure, as tool/plan.py does)")
 
 
 if __name__ == "__main__":

@@ -11,21 +11,27 @@ predicts a GPU run: the model's blocks measured one at a time in this process (b
 seconds at the run's micro-batch: network_conf/hardware/cpu_2x1thread.yaml says op_times
 measured), the cost model, the simulator. A run's 2 processes share this machine, and two
 processes run an op slower than one alone: the seconds are measured while DEPTH - 1 helper
-processes run the same blocks over and over (measure_beside_load); the prediction from
-seconds measured alone, as tool/plan.py measures them, is printed beside it.
+processes run the same blocks over and over (measure_beside_load). Messages between the
+processes go through their own CPUs (loopback TCP), which slows the ops that run meanwhile:
+that cost per MB is measured too (measure_message_cost) and stands in for the preset's
+p2p_cpu_us_per_mb. The prediction from seconds measured alone and the preset's message cost,
+as tool/plan.py predicts, is printed beside it.
 
 The speed of these shared machines drifts by tens of percent from one minute to the next,
-so one run says little: each of `--rounds` rounds measures the blocks, then runs every
-method (the order rotated from round to round), and the medians are compared. Printed per
+so one run says little: each of `--rounds` rounds measures the messages' cost, then runs
+every method (the order rotated from round to round), each right after its blocks are
+measured, and the medians are compared. Printed per
 method: the medians of predicted (beside load, and alone) and measured samples/s, their
 errors, the measured range, for the bench runs the largest share of a timed window that a
 rank was runnable but starved of a CPU, and whether every run's per-rank weights,
 activations and optimizer bytes equal the prediction (exit status 1 otherwise).
-Everything goes to <output-dir>/validate.json.
+Everything goes to <output-dir>/validate.json (rounds, message_costs: us per MB by round,
+rows, summary, load_average, report).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import select
@@ -57,6 +63,7 @@ PERIODS, WARMUP = 10, 2
 NLP = {"num_layers": LAYERS, "hidden": HIDDEN, "heads": 4, "ffn": 4 * HIDDEN, "max_seq_length": SEQ,
        "micro_batch_size": MICRO_BATCH, "vocab_size": 1000, "synthetic_samples": 256}
 LOAD_START_TIMEOUT_S, LOAD_LIMIT_S, TIMED_REPEATS = 120, 900, 10
+MESSAGE_BYTES, MESSAGES, MESSAGE_ROUNDS = 2 ** 20, 3, 12
 FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 
 
@@ -110,6 +117,59 @@ def load_blocks(model: ModelBlocks) -> None:
         print("ready", flush=True)
 
 
+def measure_message_cost(out: Path, rounds: int = MESSAGE_ROUNDS) -> float:
+    """Microseconds of compute one MB of point-to-point messages takes from each end
+    (the CPU preset's p2p_cpu_us_per_mb): 2 processes (torchrun, gloo over loopback) each
+    time tool/bench.py's layer forward and backward over and over, in blocks with and
+    without MESSAGES messages of MESSAGE_BYTES each way arriving and leaving meanwhile
+    (message_cost_worker, `rounds` blocks of each); the difference of the medians per MB
+    and message end, the median over both ranks."""
+    out.mkdir(parents=True, exist_ok=True)
+    code, text = run(torchrun_command(Path(__file__), DEPTH, ["--message-cost-worker", out,
+                                                              "--message-rounds", rounds]), 300)
+    if code != 0:
+        raise RuntimeError(f"message cost measurement failed (exit status {code}):\n{text[-3000:]}")
+    return statistics.median(json.loads((out / "message_cost.json").read_text()))
+
+
+def message_cost_worker(out: Path, rounds: int) -> None:
+    """One rank of measure_message_cost (under torchrun): rank 0 writes both ranks'
+    microseconds per MB to <out>/message_cost.json."""
+    import torch.distributed as dist
+    sys.path.insert(0, str(ROOT / "tool"))
+    import bench
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    peer = (rank + 1) % DEPTH
+    layer = bench.build_blocks(argparse.Namespace(hidden=HIDDEN), [rank])
+    x = torch.randn(MICRO_BATCH, SEQ, HIDDEN, requires_grad=True)
+    elements = MESSAGE_BYTES // 4
+
+    def iteration(messages: int) -> float:
+        received = [torch.empty(elements) for _ in range(messages)]
+        works = [dist.irecv(t, peer) for t in received]
+        start = time.perf_counter()
+        out = layer(x)
+        works += [dist.isend(torch.randn(elements), peer) for _ in range(messages)]
+        out.sum().backward()
+        seconds = time.perf_counter() - start
+        for work in works:
+            work.wait()
+        return seconds
+
+    seconds = {0: [], MESSAGES: []}
+    for _ in range(rounds):
+        for messages in seconds:
+            dist.barrier()
+            seconds[messages] += [iteration(messages) for _ in range(8)]
+    extra = statistics.median(seconds[MESSAGES]) - statistics.median(seconds[0])
+    per_mb = [None] * DEPTH
+    dist.all_gather_object(per_mb, extra / (2 * MESSAGES * MESSAGE_BYTES / 1e6) * 1e6)
+    if rank == 0:
+        (Path(out) / "message_cost.json").write_text(json.dumps(per_mb))
+    dist.destroy_process_group()
+
+
 def predict(model: ModelBlocks, blocks, hw, method: str, recompute: bool) -> tuple[float, list[dict]]:
     """(samples/s, per-device accounting) of a DEPTH x 1 run of PERIODS + WARMUP periods."""
     ranges = ranges_of([b.name for b in blocks], model.uniform_plan(schedule.num_partitions(method, DEPTH)))
@@ -154,10 +214,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-nlp", action="store_true")
     parser.add_argument("--output-dir", default=str(ROOT / "runs" / "validate"))
     parser.add_argument("--load-blocks", choices=("bench", "nlp"), help=argparse.SUPPRESS)
+    parser.add_argument("--message-cost-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--message-rounds", type=int, default=MESSAGE_ROUNDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.load_blocks:
         load_blocks({"bench": bench_model, "nlp": nlp_model}[args.load_blocks]())
+        return 0
+    if args.message_cost_worker:
+        message_cost_worker(args.message_cost_worker, args.message_rounds)
         return 0
     methods = [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(methods) - set(METHODS)):
@@ -169,16 +234,21 @@ def main(argv=None) -> int:
     suites = [(name, make, runner) for name, make, runner, skip in
               (("bench", bench_model, run_bench, args.skip_bench), ("nlp", nlp_model, run_nlp, args.skip_nlp))
               if not skip]
-    rows = []
+    rows, message_costs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
+            message_cost = measure_message_cost(Path(tmp) / f"message_cost_{round_}")
+            message_costs.append(message_cost)
+            hw_round = dataclasses.replace(hw, p2p_cpu_us_per_mb=message_cost)
+            print(f"round {round_ + 1}/{args.rounds}: messages take {message_cost:.0f} us of compute per MB "
+                  f"at each end", flush=True)
             for name, make, runner in suites:
-                model = make()                                          # this round's op seconds:
-                alone = model.measure(timed_micro_batch=MICRO_BATCH)
-                blocks = measure_beside_load(name, model)
+                model = make()
                 shift = round_ % len(methods)                           # no method always runs first
                 for method in methods[shift:] + methods[:shift]:
-                    predicted, memory = predict(model, blocks, hw, method, args.recompute)
+                    alone = model.measure(timed_micro_batch=MICRO_BATCH)    # op seconds right before the run
+                    blocks = measure_beside_load(name, model)
+                    predicted, memory = predict(model, blocks, hw_round, method, args.recompute)
                     predicted_alone, _ = predict(model, alone, hw, method, args.recompute)
                     measured, reported, starved = runner(method, args.recompute,
                                                          Path(tmp) / f"{name}_{method}_{round_}")
@@ -201,16 +271,18 @@ def main(argv=None) -> int:
                      f"{s['measured_min']:>7.2f}-{s['measured_max']:<8.2f}  "
                      + (f"{s['starved']:>7.2f}" if s["starved"] is not None else f"{'-':>7}")
                      + f"  {'equal' if s['memory_equal'] else 'DIFFERENT'} in {s['rounds']} runs")
-    lines.append(f"samples/s, medians over {args.rounds} interleaved round(s) (each measures the blocks beside "
-                 f"load and alone, then runs every method, the order rotated); recompute "
+    lines.append(f"samples/s, medians over {args.rounds} interleaved round(s) (each measures the messages' cost, "
+                 f"then runs every method, the order rotated, right after timing its blocks beside load and "
+                 f"alone); recompute "
                  f"{'on' if args.recompute else 'off'}; load average (1, 5, 15 min) before "
                  f"{', '.join(f'{x:.2f}' for x in load[0])}, after {', '.join(f'{x:.2f}' for x in load[1])} "
                  f"on {os.cpu_count()} CPUs")
     print("\n".join(lines))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "validate.json").write_text(json.dumps({"rounds": args.rounds, "rows": rows, "summary": summary,
-                                                   "load_average": load, "report": lines}, indent=1))
+    (out / "validate.json").write_text(json.dumps({"rounds": args.rounds, "message_costs": message_costs,
+                                                   "rows": rows, "summary": summary, "load_average": load,
+                                                   "report": lines}, indent=1))
     return 0 if all(r["memory_equal"] for r in rows) else 1
 
 

@@ -14,7 +14,8 @@ Memory is the engine's own accounting (Pipeline.memory_report, summary.json `mem
 parameter and, with data parallelism, the flat buffer the all-reduce sends.
 
 Time: per partition, forward/backward/update seconds come from the blocks' FLOPs and kernel
-counts at the hardware's efficiency, or from measured seconds (hardware.Hardware.op_times);
+counts at the hardware's efficiency, or from measured seconds (hardware.Hardware.op_times),
+plus the CPU time a host spends on each message an op sends or receives (zero on GPUs);
 transfers and the data-parallel all-reduce from the links between the ranks (hardware.py);
 the calibrated event simulator (simulate.py, updates deferred as the engine defers them)
 turns them into the time between period ends.
@@ -149,14 +150,33 @@ def op_seconds(part: PartitionCost, hw: Hardware, recompute: bool, rates=None) -
     return forward + overhead, backward + (forward if recompute else 0.0) + overhead, update + overhead
 
 
+def message_cpu_seconds(parts: list[PartitionCost], topology: Topology, hw: Hardware) -> list[tuple]:
+    """Per partition, the (forward, backward, update) seconds its ops spend moving their
+    messages to and from other devices on the rank's own CPU (hw.p2p_cpu_us_per_mb): a
+    forward receives its inputs and sends its outputs, a backward receives its outputs'
+    gradients and sends its inputs'."""
+    n = len(parts)
+    crosses = [topology.device_of(p) != topology.device_of(p + 1) for p in range(n - 1)]
+    per_byte = hw.p2p_cpu_us_per_mb * 1e-12
+    out = []
+    for p, part in enumerate(parts):
+        before = p > 0 and crosses[p - 1]
+        after = p < n - 1 and crosses[p]
+        forward = (part.input_bytes if before else 0) + (parts[p + 1].input_bytes if after else 0)
+        backward = (parts[p + 1].input_grad_bytes if after else 0) + (part.input_grad_bytes if before else 0)
+        out.append((forward * per_byte, backward * per_byte, 0.0))
+    return out
+
+
 def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout: str,
                        parts: list[PartitionCost], b: int, hw: Hardware, recompute: bool,
                        rates=None) -> float:
     """Predicted samples/s of the whole run (all replicas) in steady state."""
     period = schedule.default_period(method, depth)
     n = len(parts)
-    times = [op_seconds(p, hw, recompute, rates) for p in parts]
     topology = Topology(method, depth, data_parallel, rank_layout)
+    times = [tuple(a + b for a, b in zip(op_seconds(part, hw, recompute, rates), copies))
+             for part, copies in zip(parts, message_cpu_seconds(parts, topology, hw))]
     forward_transfer, backward_transfer = [0.0] * n, [0.0] * n
     for p in range(n - 1):
         link = _slowest_link(topology, hw, topology.device_of(p), topology.device_of(p + 1))

@@ -50,6 +50,10 @@ class Hardware:
     """Device memory GB/s (the optimizer step is bound by it)."""
     op_overhead_us: float
     """The engine's own time per op (bookkeeping between ops)."""
+    p2p_cpu_us_per_mb: float
+    """Compute time one MB (1e6 bytes) of a point-to-point message takes from the rank at
+    each end, on top of the transfer itself: the copies a host makes when its messages go
+    through its own CPU (gloo over TCP); 0 where moving a message costs the ops nothing."""
     op_times: str
     """Where per-op times come from: flops (FLOP counts at `efficiency`), profile (the
     FLOP/s that probe mode measured on this device, `profile`), measured (seconds of
@@ -117,9 +121,9 @@ def load_hardware(path: str | Path) -> Hardware:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{path}: field 'ranks_per_node' must be an integer >= 1, got {value!r}")
         elif (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-              or value < 0 or (value == 0 and not name.endswith("_us"))):
+              or value < 0 or (value == 0 and "_us" not in name)):
             raise ValueError(f"{path}: field {name!r} must be a number > 0"
-                             f"{' (or 0)' if name.endswith('_us') else ''}, got {value!r}")
+                             f"{' (or 0)' if '_us' in name else ''}, got {value!r}")
     for name in ("usable_memory_fraction", "efficiency"):
         if raw[name] > 1:
             raise ValueError(f"{path}: field {name!r} is a share, at most 1, got {raw[name]!r}")

@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from wpipe import costmodel, partition, schedule  # noqa: E402
-from wpipe.blockcost import BlockSpec, ModelBlocks, measure_blocks  # noqa: E402
+from wpipe.blockcost import BlockSpec, ModelBlocks, measure_blocks, time_blocks  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
 from wpipe.hardware import load_hardware  # noqa: E402
 from wpipe.launch import run, torchrun_command  # noqa: E402
@@ -62,7 +62,7 @@ DEPTH, MICRO_BATCH, LAYERS, HIDDEN, SEQ = 2, 8, 4, 256, 128
 PERIODS, WARMUP = 10, 2
 NLP = {"num_layers": LAYERS, "hidden": HIDDEN, "heads": 4, "ffn": 4 * HIDDEN, "max_seq_length": SEQ,
        "micro_batch_size": MICRO_BATCH, "vocab_size": 1000, "synthetic_samples": 256}
-LOAD_START_TIMEOUT_S, LOAD_LIMIT_S, TIMED_REPEATS = 120, 900, 10
+LOAD_START_TIMEOUT_S, LOAD_LIMIT_S, TIMED_REPEATS, LOAD_REPEATS = 120, 900, 20, 50
 MESSAGE_BYTES, MESSAGES, MESSAGE_ROUNDS = 2 ** 20, 3, 12
 FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 
@@ -107,13 +107,15 @@ def measure_beside_load(name: str, model: ModelBlocks) -> list:
 
 
 def load_blocks(model: ModelBlocks) -> None:
-    """The load of measure_beside_load: the blocks timed again and again, "ready" printed
-    after the first pass, until the parent closes stdin (or dies) or LOAD_LIMIT_S passes."""
+    """The load of measure_beside_load: the blocks' forward, backward and step again and
+    again (LOAD_REPEATS per pass, so that rebuilding them between passes is a small part),
+    "ready" printed after the first pass, until the parent closes stdin (or dies) or
+    LOAD_LIMIT_S passes."""
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     deadline = time.monotonic() + LOAD_LIMIT_S
     while not stop.is_set() and time.monotonic() < deadline:
-        measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
+        time_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, LOAD_REPEATS)
         print("ready", flush=True)
 
 

@@ -116,8 +116,7 @@ def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tup
     partition 0 (the task's own data). With `timed_micro_batch`, also time each kind's
     forward, backward and optimizer step at that size (median of `repeats`, in this process)."""
     runs = {b: _run_chain(blocks, make_inputs(b)) for b in MICRO_BATCHES}
-    timed = (_run_chain(blocks, make_inputs(timed_micro_batch), (repeats, make_optimizer))
-             if timed_micro_batch else None)
+    timed = time_blocks(blocks, make_inputs, make_optimizer, timed_micro_batch, repeats) if timed_micro_batch else None
     out, by_kind = [], {}
     for i, spec in enumerate(blocks):
         if spec.kind not in by_kind:
@@ -139,8 +138,15 @@ def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tup
             Affine.fit(one["forward_flops"], two["forward_flops"]),
             Affine.fit(one["backward_flops"], two["backward_flops"]),
             one["forward_kernels"], one["backward_kernels"],
-            {timed_micro_batch: timed[i]["seconds"]} if timed else {}))
+            {timed_micro_batch: timed[i]} if timed else {}))
     return out
+
+
+def time_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tuple], make_optimizer: Callable,
+                micro_batch: int, repeats: int) -> list[dict[str, float]]:
+    """Per block, the median seconds of its forward, backward and optimizer step at
+    `micro_batch` over `repeats` (each kind timed once, in chain order, in this process)."""
+    return [r["seconds"] for r in _run_chain(blocks, make_inputs(micro_batch), (repeats, make_optimizer))]
 
 
 def _run_chain(blocks, inputs, timing=None) -> list[dict]:

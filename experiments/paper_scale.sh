@@ -3,8 +3,8 @@
 # few minutes: writes docs/paper_scale.md and docs/paper_scale_*.png (tool/paper_scale.py).
 #
 # Variables (defaults): HARDWARE (network_conf/hardware/v100_32gb_8x.yaml: the paper's era,
-# assumed), VALIDATE (0; 1 first runs tool/validate_model.py, about 17 minutes: the real 2-process CPU runs the
-# chain is checked against, and adds its measured figures to the document).
+# assumed), VALIDATE (0; 1 first runs tool/validate_model.py, about 17 minutes: the real
+# 2-process CPU runs the chain is checked against, and adds its measured figures to the document).
 # Block costs are measured once per model on this CPU and cached under runs/cache.
 set -eu
 cd "$(dirname "$0")/.."

@@ -175,7 +175,7 @@ def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout:
     period = schedule.default_period(method, depth)
     n = len(parts)
     topology = Topology(method, depth, data_parallel, rank_layout)
-    times = [tuple(a + b for a, b in zip(op_seconds(part, hw, recompute, rates), copies))
+    times = [tuple(own + copy for own, copy in zip(op_seconds(part, hw, recompute, rates), copies))
              for part, copies in zip(parts, message_cpu_seconds(parts, topology, hw))]
     forward_transfer, backward_transfer = [0.0] * n, [0.0] * n
     for p in range(n - 1):

@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from wpipe import costmodel, partition, schedule  # noqa: E402
-from wpipe.blockcost import BlockSpec, ModelBlocks, measure_blocks, time_blocks  # noqa: E402
+from wpipe.blockcost import BlockSpec, ModelBlocks, time_blocks  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
 from wpipe.hardware import load_hardware  # noqa: E402
 from wpipe.launch import run, torchrun_command  # noqa: E402
@@ -84,10 +84,11 @@ def nlp_model() -> ModelBlocks:
                                     {k: str(v) for k, v in NLP.items()}))
 
 
-def measure_beside_load(name: str, model: ModelBlocks) -> list:
-    """The blocks measured (median of TIMED_REPEATS) while DEPTH - 1 helper processes run
-    the same blocks' forward, backward and step over and over: a real run's processes share
-    this machine, and each runs its ops beside the others'."""
+def measure_beside_load(name: str, model: ModelBlocks, blocks: list) -> list:
+    """`blocks` (measured alone) with their seconds timed again (median of TIMED_REPEATS)
+    while DEPTH - 1 helper processes run the same blocks' forward, backward and step over
+    and over: a real run's processes share this machine, and each runs its ops beside the
+    others'."""
     helpers = [subprocess.Popen([sys.executable, __file__, "--load-blocks", name], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE) for _ in range(DEPTH - 1)]
     try:
@@ -99,7 +100,8 @@ def measure_beside_load(name: str, model: ModelBlocks) -> list:
                                    + (f"exited with status {status}" if ready else
                                       f"did not report ready within {LOAD_START_TIMEOUT_S} s")
                                    + " before its loop ran")
-        return measure_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
+        seconds = time_blocks(model.specs, model.make_inputs, model.make_optimizer, MICRO_BATCH, TIMED_REPEATS)
+        return [dataclasses.replace(block, seconds={MICRO_BATCH: s}) for block, s in zip(blocks, seconds)]
     finally:
         for helper in helpers:     # exactly the processes started here
             helper.kill()
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
                 shift = round_ % len(methods)                           # no method always runs first
                 for method in methods[shift:] + methods[:shift]:
                     alone = model.measure(timed_micro_batch=MICRO_BATCH)    # op seconds right before the run
-                    blocks = measure_beside_load(name, model)
+                    blocks = measure_beside_load(name, model, alone)
                     predicted, memory = predict(model, blocks, hw_round, method, args.recompute)
                     predicted_alone, _ = predict(model, alone, hw, method, args.recompute)
                     measured, reported, starved = runner(method, args.recompute,

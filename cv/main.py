@@ -4,7 +4,7 @@ training from scratch, or throughput. Run under torchrun (gloo on CPU, nccl with
     torchrun --nproc_per_node 2 cv/main.py --config network_conf/cv_tiny.yaml [--key value ...]
 
 Reads top to bottom: `CvConfig` -> `make_task` (model split, pretrained file, datasets:
-every check, before any process group exists) -> `wpipe.runner.main` (process group,
+every check, before any process group exists) -> `wpipe.train.main` (process group,
 Pipeline, train with evaluation on the test split after each epoch, or throughput;
 `<output_dir>/summary.json`, whose `eval` holds `test_top1`).
 """
@@ -25,9 +25,9 @@ from cv.data import (DATASETS, load_dataset, micro_batch_labels, micro_batch_loa
 from cv.model import (build_resnext_partition, check_image_size, resnext_block_specs,
                       resnext_partition_plan, resnext_spec)
 from wpipe import schedule
-from wpipe.blockcost import ModelBlocks
-from wpipe.runner import Task, TrainConfig, cli
-from wpipe.topology import Topology
+from wpipe.planning.measure import ModelBlocks
+from wpipe.train import Task, TrainConfig, cli
+from wpipe.schedule import Topology
 
 log = logging.getLogger("wpipe.cv")
 BALANCES = ("uniform", "params")
@@ -146,7 +146,7 @@ def make_task(cfg: CvConfig) -> Task:
 
 
 def model_blocks(cfg: CvConfig) -> ModelBlocks:
-    """cfg's ResNeXt as the cost model's chain of blocks (wpipe.blockcost, tool/plan.py): the
+    """cfg's ResNeXt as the cost model's chain of blocks (wpipe.planning.measure, tool/plan.py): the
     inputs are the task's synthetic images, the optimizer the task's."""
     def inputs(b: int) -> tuple:
         return (make_task(replace(cfg, mode="throughput", micro_batch_size=b, synthetic_samples=b))

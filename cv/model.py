@@ -2,7 +2,7 @@
 
 Blocks, in order: `stem` (conv1, bn1, relu, maxpool), every torchvision Bottleneck block
 (`layer1.0` ... `layer4.{n-1}`), `head` (avgpool, flatten, fc). They are cut with
-`wpipe.partition.uniform` (the released runtime's rule), or with `wpipe.partition.balanced`
+`wpipe.planning.partition.uniform` (the released runtime's rule), or with `wpipe.planning.partition.balanced`
 over parameter counts when `balance="params"`.
 
 Contract: a partition's `state_dict()` keys are exactly torchvision's keys for those blocks
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, conv1x1
 
-from wpipe import partition
+from wpipe.planning import partition
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,9 @@ class ResNeXtPartition(nn.Module):
 
 
 def resnext_block_specs(name: str, num_classes: int) -> list:
-    """The chain stem, Bottleneck blocks, head as blocks for wpipe.blockcost; the blocks
+    """The chain stem, Bottleneck blocks, head as blocks for wpipe.planning.measure; the blocks
     after the first of a stage share one kind per stage (they are identical)."""
-    from wpipe.blockcost import BlockSpec
+    from wpipe.planning.measure import BlockSpec
     spec = resnext_spec(name)
 
     def build(block):

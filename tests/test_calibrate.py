@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from wpipe import calibrate
-from wpipe.check import dependency
+from wpipe.planning import calibrate
+from wpipe.schedule.check import dependency
 from wpipe.schedule import build_schedule, device_of, num_partitions
-from wpipe.simulate import simulate
+from wpipe.schedule import simulate
 
 MESSAGE_BYTES = 4096
 

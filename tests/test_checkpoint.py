@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume (wpipe.checkpoint, through wpipe.runner and nlp/main.py).
+"""Checkpoints and exact resume (wpipe.train.checkpoint, through wpipe.train and nlp/main.py).
 
 One launch per world size runs, for every method, an uninterrupted run with a checkpoint
 every 2 updates and runs resumed from two of its checkpoints (mid-epoch in each epoch);
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch import ROOT, run_ok
-from wpipe import checkpoint
+from wpipe.train import checkpoint
 
 WORKER = ROOT / "tests" / "workers" / "resume_cases.py"
 STARTS = (2, 4)        # mid-epoch 1 and mid-epoch 2 (3 updates per epoch)

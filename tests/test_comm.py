@@ -8,7 +8,8 @@ import torch
 
 import toy
 from launch import ROOT, run_ok
-from wpipe import reference, schedule
+from wpipe.runtime import reference
+from wpipe import schedule
 from workers.comm_cases import EVAL_BATCHES, TRAIN_BATCHES
 
 WORKER = ROOT / "tests" / "workers" / "comm_cases.py"

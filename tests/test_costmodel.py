@@ -1,6 +1,6 @@
 """The cost model's memory equals what real runs report in summary.json, exactly.
 
-Blocks are measured once per model in this process (wpipe.blockcost, at micro-batch sizes
+Blocks are measured once per model in this process (wpipe.planning.measure, at micro-batch sizes
 2 and 4); the prediction at micro-batch 8 (scaled) is compared, field by field and device by
 device, with the accounting of real 2-process runs of cv/main.py and nlp/main.py (throughput
 mode), for every pipeline method, with and without recomputation, and data parallelism.
@@ -10,9 +10,10 @@ import json
 import pytest
 
 from launch import ROOT, run_ok
-from wpipe import costmodel, schedule
+from wpipe.planning import costmodel
+from wpipe import schedule
 from wpipe.config import load_config
-from wpipe.plan import ranges_of
+from wpipe.planning.plan import ranges_of
 
 from cv.main import CvConfig, model_blocks as cv_blocks
 from nlp.main import NlpConfig, model_blocks as nlp_blocks

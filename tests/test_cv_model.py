@@ -8,7 +8,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from cv.model import (build_resnext_partition, check_image_size, num_blocks,
                       resnext_partition_plan, resnext_spec)
-from wpipe import partition
+from wpipe.planning import partition
 
 
 def _torchvision(name, num_classes):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import toy
 import wpipe
 from launch import ROOT, run_ok, torchrun
-from wpipe import precision, reference
+from wpipe.runtime import precision, reference
 
 WORKER = ROOT / "tests" / "workers" / "engine_cases.py"
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]

@@ -1,5 +1,5 @@
 """Bad input gets one line: `error: <message>` on stderr, exit status 2, no traceback,
-nothing written to output_dir (wpipe.runner.cli, as the entry points run it).
+nothing written to output_dir (wpipe.train.cli, as the entry points run it).
 
 A table of bad inputs runs in process (everything is refused before a process group
 exists, except the world size, checked on a one-rank group); two launches under torchrun
@@ -21,9 +21,10 @@ from launch import ROOT, torchrun
 from nlp.fixtures import write_pairs
 from nlp.main import NlpConfig
 from nlp.main import make_task as nlp_task
-from wpipe import checkpoint, load_config
+from wpipe.train import checkpoint
+from wpipe import load_config
 from wpipe.launch import free_port
-from wpipe.runner import cli
+from wpipe.train import cli
 
 NLP = ["--num_layers", "4", "--hidden", "16", "--heads", "2", "--ffn", "32", "--vocab_size", "50",
        "--max_seq_length", "12", "--micro_batch_size", "4", "--synthetic_samples", "64",

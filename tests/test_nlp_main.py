@@ -17,7 +17,7 @@ from launch import ROOT, run_ok
 from nlp.fixtures import write_pairs
 from nlp.main import NlpConfig, make_task
 from wpipe import load_config
-from wpipe.runner import main
+from wpipe.train import main
 
 MAIN = ROOT / "nlp" / "main.py"
 TINY = ["--num_layers", "4", "--hidden", "32", "--heads", "2", "--ffn", "64",

@@ -10,7 +10,7 @@ import torch
 from launch import ROOT, run_ok, torchrun
 from test_checkpoint import assert_equal
 from test_preemption import ENTRIES
-from wpipe import checkpoint
+from wpipe.train import checkpoint
 
 WORKER = ROOT / "tests" / "workers" / "poison.py"
 

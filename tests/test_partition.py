@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from wpipe.partition import balanced, uniform
+from wpipe.planning.partition import balanced, uniform
 
 
 def sizes(ranges) -> list[int]:

@@ -1,4 +1,4 @@
-"""The planner (wpipe.plan) and the hardware files (wpipe.hardware), without processes:
+"""The planner (wpipe.planning.plan) and the hardware files (wpipe.planning.hardware), without processes:
 enumeration, the memory budget, ranking, the balanced split, probe profiles, and one-line
 errors for bad hardware files and flags."""
 import dataclasses
@@ -8,10 +8,11 @@ import pytest
 import yaml
 
 from launch import ROOT
-from wpipe import costmodel, plan, schedule
-from wpipe.blockcost import Affine
+from wpipe.planning import costmodel, plan
+from wpipe import schedule
+from wpipe.planning.blockcost import Affine
 from wpipe.config import load_config
-from wpipe.hardware import Hardware, load_hardware
+from wpipe.planning.hardware import Hardware, load_hardware
 
 from nlp.main import NlpConfig, model_blocks
 

@@ -6,7 +6,8 @@ import torch
 
 import toy
 import wpipe
-from wpipe import precision, reference
+from wpipe.runtime import precision, reference
+from wpipe.runtime.wire import REDUCED, Wire
 
 FP16_EPS, BF16_EPS = 2.0 ** -11, 2.0 ** -8      # unit round-off of each format
 
@@ -21,7 +22,7 @@ def test_fp16_wire_keeps_relative_precision_at_any_magnitude(dtype, magnitude):
     """Scaled by a power of two before the cast: no overflow (1e7 > fp16's 65504) and no
     underflow (1e-9 < fp16's smallest normal), each element within fp16's round-off."""
     t = (torch.rand(1000, dtype=dtype) + 0.5) * magnitude * torch.where(torch.rand(1000) < 0.5, -1.0, 1.0).to(dtype)
-    wire = precision.Wire("fp16")
+    wire = Wire("fp16")
     sent, restore = wire.encode((t,))
     assert sent[0].dtype == torch.float16 and restore[0] == dtype
     got = wire.decode(sent, restore)[0]
@@ -34,7 +35,7 @@ def test_fp16_wire_keeps_relative_precision_at_any_magnitude(dtype, magnitude):
 
 def test_bf16_wire_relative_precision():
     t = torch.randn(1000) * 1e30
-    got = precision.Wire("bf16").roundtrip((t,))[0]
+    got = Wire("bf16").roundtrip((t,))[0]
     assert got.dtype == torch.float32 and relative_error(got, t) <= BF16_EPS
 
 
@@ -43,17 +44,17 @@ def test_wire_passes_non_finite_integer_and_half_tensors():
     ids = torch.tensor([3, 70000])
     half = torch.tensor([1.5], dtype=torch.bfloat16)
     for name in ("fp16", "bf16"):
-        got = precision.Wire(name).roundtrip((bad, ids, half))
+        got = Wire(name).roundtrip((bad, ids, half))
         assert torch.isinf(got[0][1]) and torch.isnan(got[0][2]) and got[0][3] == -2.0
         assert torch.equal(got[1], ids) and got[2].dtype == torch.bfloat16 and torch.equal(got[2], half)
     same = (bad, ids)
-    assert precision.Wire(None).roundtrip(same) == same
+    assert Wire(None).roundtrip(same) == same
 
 
 def test_across_round_trips_values_forward_and_gradients_backward():
     """The oracle's device boundary: what the engine's receiver gets forward, and the
     gradient message, cast on its own, backward."""
-    wire = precision.Wire("fp16")
+    wire = Wire("fp16")
     x = torch.randn(5, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(5, dtype=torch.float64)
     y, s = wire.across((x * 3, scale))
@@ -114,7 +115,7 @@ def test_reference_autocasts_each_partition_and_computes_the_loss_in_fp32(name):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.dtype) or t, lambda t: t):
         reference.train(partitions, loss_fn, toy.OPTIMIZERS["sgd"], data, "gpipe", 1,
                         policy=precision.Policy(name, loss_scale_init=1.0))
-    assert seen[0] == precision.DTYPES[name], "the partition ran outside autocast"
+    assert seen[0] == REDUCED[name], "the partition ran outside autocast"
     assert torch.float32 in seen[1:] and linear.weight.dtype == torch.float32
 
 

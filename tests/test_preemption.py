@@ -9,7 +9,7 @@ import pytest
 
 from launch import ROOT, run_ok, torchrun
 from test_checkpoint import assert_equal, final_state
-from wpipe import checkpoint
+from wpipe.train import checkpoint
 
 WORKER = ROOT / "tests" / "workers" / "interrupt.py"
 COMMON = ["--micro_batch_size", "4", "--synthetic_samples", "64", "--max_eval_batches", "2",

@@ -18,9 +18,10 @@ from cv.main import make_task as cv_task
 from launch import ROOT, run_ok
 from nlp.main import NlpConfig
 from nlp.main import make_task as nlp_task
-from wpipe.probe import Loopback, Spec, op_times
-from wpipe.runner import main
-from wpipe.topology import Topology
+from wpipe.runtime.loopback import Loopback, Spec
+from wpipe.train.probe import op_times
+from wpipe.train import main
+from wpipe.schedule import Topology
 
 WORKER = ROOT / "tests" / "workers" / "memory_runs.py"
 ENTRIES = {"nlp": (NlpConfig, nlp_task), "cv": (CvConfig, cv_task)}
@@ -143,10 +144,11 @@ def test_op_times_are_medians_after_the_warm_up():
 
 @pytest.mark.parametrize("recompute", ["false", "true"])
 def test_cost_model_predicts_the_probe(tmp_path, recompute):
-    """The planner's chain: the cost model's per-device bytes (wpipe.costmodel, from blocks
+    """The planner's chain: the cost model's per-device bytes (wpipe.planning.costmodel, from blocks
     measured alone) equal a probe's at 4 devices, and the probe as a profile gives FLOP rates."""
     from nlp.main import model_blocks
-    from wpipe import costmodel, plan, schedule
+    from wpipe.planning import costmodel, plan
+    from wpipe import schedule
     from wpipe.config import load_config
 
     report = probe("wpipe_4x1", tmp_path, "--recompute", recompute)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import toy
-from wpipe import reference
+from wpipe.runtime import reference
 
 WIDTH, OUT, TOL = 4, 2, 1e-12
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import wpipe.schedule
+import wpipe.schedule.methods
 from wpipe.__main__ import main
 from wpipe.schedule import METHODS, Op, build_schedule, parse_op
 
@@ -232,21 +232,21 @@ def test_python_m_wpipe_prints_the_grid_without_torch():
     out, imported = run_wpipe("--method", "wpipe", "--depth", "2", "--micro-batches", "6")
     assert out.startswith("wpipe: depth 2, 6 micro-batches, 2 per update, 4 partitions;")
     assert "    0 0F0\n    1 0F1    1F0\n    2 2F0    1F1\n" in out
-    assert {"wpipe.schedule", "wpipe.check", "wpipe.simulate"} <= imported
+    assert {"wpipe.schedule", "wpipe.schedule.check", "wpipe.schedule.simulate"} <= imported
     assert not {name for name in imported if name.split(".")[0] == "torch"}
 
 
 def test_python_m_wpipe_help_does_not_import_torch():
     out, imported = run_wpipe("--help")
     assert out.startswith("usage: python -m wpipe ")
-    assert "wpipe.simulate" in imported         # the import log was read
+    assert "wpipe.schedule.simulate" in imported         # the import log was read
     assert not {name for name in imported if name.split(".")[0] == "torch"}
 
 
-def test_schedule_module_imports_no_wpipe_module():
-    """check.py and simulate.py import schedule.py, so schedule.py imports neither of them
+def test_methods_module_imports_no_wpipe_module():
+    """check.py and simulate.py import methods.py, so methods.py imports neither of them
     (nor any other wpipe module, not even inside a function), and has no `__main__` block."""
-    tree = ast.parse(Path(wpipe.schedule.__file__).read_text())
+    tree = ast.parse(Path(wpipe.schedule.methods.__file__).read_text())
     imports = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

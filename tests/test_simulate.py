@@ -4,9 +4,9 @@ from fractions import Fraction
 
 import pytest
 
-from wpipe.check import ScheduleError, dependency
+from wpipe.schedule.check import ScheduleError, dependency
 from wpipe.schedule import build_schedule, device_of, num_partitions
-from wpipe.simulate import simulate
+from wpipe.schedule import simulate
 
 COSTS = [(1, 1), (1, 2), (7, 3)]    # (tf, tb) per partition op; integers keep it exact and fast
 

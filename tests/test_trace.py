@@ -15,7 +15,7 @@ import pytest
 
 from launch import ROOT, run_ok
 from wpipe import schedule
-from wpipe.topology import Topology
+from wpipe.schedule import Topology
 from wpipe.trace import Recorder, timeline_summary
 
 MAIN = ROOT / "nlp" / "main.py"

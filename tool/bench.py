@@ -71,7 +71,9 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 import wpipe
-from wpipe import partition, precision, schedule, trace
+from wpipe.planning import partition
+from wpipe.runtime import precision
+from wpipe import schedule, trace
 from wpipe.launch import run, torchrun_command
 
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]

@@ -5,7 +5,7 @@
 
 For BERT-96 and BERT-192 on 8 GPUs, BERT-384 and BERT-768 on 64, ResNeXt-200/302 on 8 and
 ResNeXt-500/800 on 64 (network_conf/*_throughput_*.yaml), it plans every method
-(wpipe.plan, the largest fitting micro-batch of each configuration) and tabulates each
+(wpipe.planning.plan, the largest fitting micro-batch of each configuration) and tabulates each
 method's best fitting configuration, its predicted samples/s and per-device memory, and the
 WPipe / PipeDream-2BW ratios beside the paper's 1.4x and 36%. Then the same two methods at
 equal configuration (the paper's layouts at one micro-batch size, recomputation on as in the
@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT / "tool"))
 
 from plan import load_model, measured_blocks, profile_rates  # noqa: E402
 
-from wpipe import costmodel, schedule  # noqa: E402
-from wpipe import plan as planner  # noqa: E402
-from wpipe.hardware import load_hardware  # noqa: E402
+from wpipe.planning import costmodel  # noqa: E402
+from wpipe import schedule  # noqa: E402
+from wpipe.planning import plan as planner  # noqa: E402
+from wpipe.planning.hardware import load_hardware  # noqa: E402
 
 MODELS = [("BERT-96", "nlp_throughput_bert96", 8), ("BERT-192", "nlp_throughput_bert192", 8),
           ("BERT-384", "nlp_throughput_bert384", 64), ("BERT-768", "nlp_throughput_bert768", 64),
@@ -126,7 +127,7 @@ def _markdown(hw, source, best_rows, equal_rows, split_rows, validation, images,
         "",
         "Enumerated: pipeline depth x data parallel = GPUs, micro-batch 1..512 (the largest fitting one of each "
         "configuration is timed), recomputation on and off, both rank layouts, the runtime's uniform split and the "
-        "balanced split (wpipe.plan).",
+        "balanced split (wpipe.planning.plan).",
         "",
         "| model | GPUs | method | best configuration | samples/s | memory GiB | x 2BW speed | x 2BW memory |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |"]

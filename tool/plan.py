@@ -5,14 +5,14 @@
                         [--splits uniform,balanced] [--top K] [--largest-only] [--json FILE]
 
 For each method it enumerates pipeline depth x data parallel = G, micro-batch sizes 1..512,
-recomputation on and off, both rank layouts and two splits (wpipe.plan), keeps those whose
+recomputation on and off, both rank layouts and two splits (wpipe.planning.plan), keeps those whose
 predicted per-device memory fits the hardware's budget, and prints them ranked by predicted
 samples/s, then the best per method with ratios to pipedream_2bw's best. `--json FILE`
 writes the fitting candidates (a list of objects with method, pipeline_depth,
 data_parallel, micro_batch_size, recompute, predicted_samples_per_second,
 predicted_memory_bytes: the largest device's, and more).
 
-The model's blocks are measured once on this machine's CPU (wpipe.blockcost: a few seconds,
+The model's blocks are measured once on this machine's CPU (wpipe.planning.measure: a few seconds,
 one block at a time) and cached under --cache-dir. Op times come from the hardware file:
 FLOP counts at its efficiency, or the FLOP/s its probe profile measured (op_times: profile).
 """
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from wpipe import plan as planner  # noqa: E402
-from wpipe.blockcost import BlockCost  # noqa: E402
+from wpipe.planning import plan as planner  # noqa: E402
+from wpipe.planning.blockcost import BlockCost  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
-from wpipe.hardware import load_hardware  # noqa: E402
+from wpipe.planning.hardware import load_hardware  # noqa: E402
 
 
 def load_model(config_path: str | Path):

@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wpipe import reference, schedule  # noqa: E402
+from wpipe.runtime import reference  # noqa: E402
+from wpipe import schedule  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
-from wpipe.runner import parse_cli, periods_per_epoch  # noqa: E402
+from wpipe.train import parse_cli, periods_per_epoch  # noqa: E402
 
 
 def entry_point(config_path: Path):

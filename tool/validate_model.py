@@ -49,12 +49,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from wpipe import costmodel, partition, schedule  # noqa: E402
-from wpipe.blockcost import BlockSpec, ModelBlocks, time_blocks  # noqa: E402
+from wpipe.planning import costmodel, partition  # noqa: E402
+from wpipe import schedule  # noqa: E402
+from wpipe.planning.measure import BlockSpec, ModelBlocks, time_blocks  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
-from wpipe.hardware import load_hardware  # noqa: E402
+from wpipe.planning.hardware import load_hardware  # noqa: E402
 from wpipe.launch import run, torchrun_command  # noqa: E402
-from wpipe.plan import ranges_of  # noqa: E402
+from wpipe.planning.plan import ranges_of  # noqa: E402
 
 HARDWARE = ROOT / "network_conf" / "hardware" / "cpu_2x1thread.yaml"
 METHODS = ("wpipe", "pipedream_2bw", "pipedream_flush", "gpipe")

@@ -15,7 +15,6 @@ max and the mean over parameters), and the final loss of each run. Written to --
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wpipe import partition, precision, reference, schedule
+from wpipe.planning import partition
+from wpipe.runtime import precision, reference
+from wpipe import schedule
 
 
 def partitions(args, method: str) -> list[nn.Module]:

@@ -2,16 +2,14 @@
 
     python -m wpipe --method wpipe --depth 4 --micro-batches 8
 
-Imports only the pure modules (schedule, check, simulate), never torch.
+Imports only the pure side (wpipe.schedule), never torch.
 """
 from __future__ import annotations
 
 import argparse
 from fractions import Fraction
 
-from .check import format_schedule
-from .schedule import METHODS, build_schedule, device_of, num_partitions, validate
-from .simulate import simulate
+from .schedule import METHODS, build_schedule, device_of, format_schedule, num_partitions, simulate, validate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,10 +15,11 @@ events, `pid` = global rank, `ts` and `dur` in microseconds from a common origin
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from .files import write_atomic
 
 
 class Recorder:
@@ -96,14 +97,9 @@ def schedule_fields(cfg) -> dict:
 
 def write_trace(path, events_per_rank: list[list[dict]], cfg) -> Path:
     """Write every rank's events (and the schedule's fields of `cfg`) to `path`, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     document = {"traceEvents": [e for events in events_per_rank for e in events],
                 "displayTimeUnit": "ms", "otherData": schedule_fields(cfg)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, json.dumps(document))
 
 
 def load_trace(path) -> dict:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from wpipe import runner  # noqa: E402
+from wpipe.train import cli, loop  # noqa: E402
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
     else:
         from cv.main import CvConfig as config_class, make_task
     marker, done = Path(marker), [0]
-    meter_call = runner._Meter.__call__
+    meter_call = loop._Meter.__call__
 
     def call(self, t, loss):
         meter_call(self, t, loss)
@@ -34,8 +34,8 @@ def main():
                 os.kill(os.getppid(), signal.SIGTERM if what == "term" else signal.SIGINT)
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
-    runner._Meter.__call__ = call
-    runner.cli(config_class, make_task, argv)
+    loop._Meter.__call__ = call
+    cli(config_class, make_task, argv)
 
 
 if __name__ == "__main__":

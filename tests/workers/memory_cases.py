@@ -11,10 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch.distributed  # noqa: E402
 import wpipe  # noqa: E402
 from cv.main import CvConfig, make_task as cv_task  # noqa: E402
 from nlp.main import NlpConfig, make_task as nlp_task  # noqa: E402
-from wpipe.runner import main  # noqa: E402
+from wpipe.train import main  # noqa: E402
 
 ENTRIES = {"cv": (CvConfig, cv_task, "cv_tiny.yaml"), "nlp": (NlpConfig, nlp_task, "nlp_tiny.yaml")}
 PERIODS, WARMUP = 2, 1
@@ -35,5 +36,5 @@ if __name__ == "__main__":
     wpipe.init_distributed(timeout_s=60)
     for name in sys.argv[2:]:
         run_case(Path(sys.argv[1]), name)
-    wpipe.topology.dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
     os._exit(0)

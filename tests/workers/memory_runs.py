@@ -15,7 +15,7 @@ from cv.main import CvConfig  # noqa: E402
 from cv.main import make_task as cv_task  # noqa: E402
 from nlp.main import NlpConfig  # noqa: E402
 from nlp.main import make_task as nlp_task  # noqa: E402
-from wpipe.runner import main  # noqa: E402
+from wpipe.train import main  # noqa: E402
 
 ENTRIES = {"nlp": (NlpConfig, nlp_task), "cv": (CvConfig, cv_task)}
 

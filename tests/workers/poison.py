@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from nlp.main import NlpConfig, make_task  # noqa: E402
-from wpipe import runner  # noqa: E402
+from wpipe.train import cli  # noqa: E402
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
             return loss
         task.loss_fn = poisoned
         return task
-    runner.cli(NlpConfig, poisoned_task, argv)
+    cli(NlpConfig, poisoned_task, argv)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import schedule
+from .. import schedule
+from ..schedule import Topology, check_schedule, simulate
 from .blockcost import BlockCost
-from .check import check_schedule
 from .hardware import Hardware
-from .simulate import simulate
-from .topology import Topology
 
 PERIODS = 4
 """Periods simulated: the rate is taken between the ends of periods 1 and PERIODS - 1

@@ -3,17 +3,7 @@
 An entry point describes its task (model partitions, loss, optimizer, learning-rate
 schedule, data, metrics) as a `Task` and calls `main(ConfigClass, make_task)`, which
 reads top to bottom: configuration -> task (data checked) -> process group -> Pipeline ->
-train (+ evaluation after each epoch) or throughput -> summary.json.
-
-`<output_dir>/summary.json` (written by rank 0, atomically, at the end) holds method,
-pipeline_depth, data_parallel, micro_batch_size, samples_per_second, final_loss, eval
-(metrics of the last evaluation), memory (one report per rank, with the precision its
-bytes were measured under), history (per-epoch metrics and per-period losses), precision
-(Pipeline.precision_report: settings, device, fp16 loss-scale changes and overflow skips)
-and the resolved config, which is also written beside it as config.yaml when training
-starts (so that a run that dies can be replayed: tool/replay.py). With `trace: true` it
-also holds `timeline` (per rank busy_s, wait_s, window_s, bubble_fraction; trace.py) and
-every rank's events go to trace.json beside it.
+train (+ evaluation after each epoch) or throughput -> summary.json (summary.py).
 
 Checkpoints (checkpoint.py): training runs in chunks that end at every `checkpoint_every`-th
 update (counted over the whole run) and at epoch ends; after a chunk the runner may write a
@@ -23,20 +13,12 @@ writing one. `--resume` continues from a checkpoint at the exact micro-batch: we
 ends as an uninterrupted one with the same settings would, bit for bit on CPU. (The chunks
 follow `checkpoint_every`; with dropout, RNG draws follow the chunks, so compare runs with
 the same checkpoint_every.)
-
-`cli` is what the entry points run: errors of the user's input (configuration, data,
-checkpoints, launch), found before training starts, print one line `error: ...` on rank 0
-(or on the one rank that alone can see it: a corrupt rank file) and exit with status 2;
-WPIPE_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
-import json
 import logging
-import math
 import os
 import random
 import signal
@@ -50,89 +32,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import load_config
+from ..runtime.distributed import init_distributed
+from ..runtime.engine import Pipeline
 from . import checkpoint, nonfinite, probe
 from .preemption import Preempted, Signals
-from .config import PipelineConfig, load_config
-from .engine import Pipeline
-from .topology import init_distributed
-from .trace import timeline_summary, write_trace
+from .config import parse_cli
+from .summary import summarize, write_config, write_summary
 
 log = logging.getLogger("wpipe")
-MODES = ("train", "throughput", "probe")
-INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
-"""What setting up a run raises for bad input (bugs there look the same: WPIPE_DEBUG=1)."""
-
-
-@dataclass
-class TrainConfig(PipelineConfig):
-    mode: str = "train"
-    """train: epochs with evaluation after each; throughput: timed periods on synthetic data;
-    probe: one process runs each device's op list alone and writes probe.json (probe.py)."""
-    output_dir: str = "runs/default"
-    """Where summary.json and config.yaml go (created by rank 0)."""
-    seed: int = 42
-    """Seeds weights (identically on every rank) and data order."""
-    micro_batch_size: int = 32
-    """Samples per micro-batch (what one forward pass takes)."""
-    epochs: int = 1
-    lr: float = 1e-3
-    """Base learning rate of every group's optimizer."""
-    warmup_periods: int = 0
-    """Updates (periods) of linear learning-rate warm-up."""
-    max_periods_per_epoch: int | None = None
-    """Cap on updates per epoch (short runs on CPU); None: the whole training set."""
-    max_eval_batches: int | None = None
-    """Cap on evaluation micro-batches; None: the whole evaluation set."""
-    throughput_periods: int = 20
-    """throughput mode: periods timed after the warm-up."""
-    throughput_warmup_periods: int = 3
-    """Periods excluded from timing (also in train mode's samples_per_second)."""
-    probe_periods: int = 3
-    """probe mode: periods timed (medians) after throughput_warmup_periods untimed ones."""
-    probe_device: int | None = None
-    """probe mode: the device position to probe (0 .. pipeline_depth - 1); None: every
-    device of replica 0, one after another."""
-    log_every: int = 10
-    """Log a line every this many periods."""
-    checkpoint_every: int = 0
-    """Write a checkpoint every this many updates (periods) of the run; 0: only at epoch
-    ends (which always get one, the last included)."""
-    checkpoint_dir: str | None = None
-    """Folder of the checkpoints (one sub-folder each); None: <output_dir>/checkpoints."""
-    keep_checkpoints: int = 2
-    """Complete checkpoints kept (older ones are removed once a newer one is complete); 0: all."""
-    resume: str | None = None
-    """auto: the latest complete checkpoint under checkpoint_dir (a fresh start if none);
-    a checkpoint folder (or a checkpoint_dir: its latest); None: start afresh."""
-    on_nonfinite: str = "stop"
-    """A NaN or Inf loss or gradient: stop (naming update, partition, micro-batch) or skip
-    that update on every partition (summary.json skipped_updates lists them, from 1)."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("micro_batch_size", "epochs", "throughput_periods", "probe_periods", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.throughput_warmup_periods < 0 or self.warmup_periods < 0:
-            raise ValueError("throughput_warmup_periods and warmup_periods must be >= 0")
-        for name in ("checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.probe_device is not None and not 0 <= self.probe_device < self.pipeline_depth:
-            raise ValueError(f"probe_device must be a device position 0 .. {self.pipeline_depth - 1} "
-                             f"(pipeline_depth {self.pipeline_depth}) or null (every device), got {self.probe_device}")
-        if self.max_periods_per_epoch is not None and self.max_periods_per_epoch < 1:
-            raise ValueError(f"max_periods_per_epoch must be >= 1 or null, got {self.max_periods_per_epoch}")
-        if self.on_nonfinite not in nonfinite.MODES:
-            raise ValueError(f"on_nonfinite must be one of {', '.join(nonfinite.MODES)}, got {self.on_nonfinite!r}")
-        if self.resume is not None and self.mode != "train":
-            raise ValueError(f"resume applies to mode train, not {self.mode}: drop resume or use mode train")
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir) / "checkpoints"
 
 
 @dataclass
@@ -151,39 +59,6 @@ class Task:
     measure_block_costs: Callable | None = None
     """For partitions balanced by time: () -> block costs, measured on rank 0 only; every
     rank then builds its partitions with build_partition(i, block_costs=those costs)."""
-
-
-def parse_cli(argv: Sequence[str]) -> tuple[str | None, dict]:
-    """`--config PATH` and `--key value` / `--key=value` pairs -> (path, overrides)."""
-    path, overrides, args = None, {}, list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: use --config FILE and --key value overrides")
-        key, _, value = arg[2:].partition("=")
-        if not _:
-            if not args:
-                raise ValueError(f"--{key} needs a value")
-            value = args.pop(0)
-        key = key.replace("-", "_")
-        if key == "config":
-            path = value
-        else:
-            overrides[key] = value
-    return path, overrides
-
-
-def cli(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> None:
-    """What an entry point's `__main__` runs: `main`, with bad input as one line and status 2."""
-    try:
-        run = setup(config_class, make_task, argv)
-    except INPUT_ERRORS as error:
-        if os.environ.get("WPIPE_DEBUG"):
-            raise
-        if int(os.environ.get("RANK", 0)) == 0 or getattr(error, "rank_only", False):
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    run()
 
 
 def main(config_class: type, make_task: Callable, argv: Sequence[str] | None = None) -> dict | None:
@@ -242,15 +117,15 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
 
     def run() -> dict | None:
         if dist.get_rank() == 0:   # before training, so that a run that dies can still be replayed
-            _write_config(Path(cfg.output_dir), cfg)
+            write_config(Path(cfg.output_dir), cfg)
         if cfg.mode == "throughput":
             result = _throughput(cfg, task, pipe)
         else:
             with Signals() as signals:
                 result = _train(cfg, task, pipe, resumed["runner"] if resumed else None, signals, guard)
-        summary = _summarize(cfg, pipe, result)
+        summary = summarize(cfg, pipe, result)
         if dist.get_rank() == 0:
-            _write_summary(Path(cfg.output_dir), cfg, summary)
+            write_summary(Path(cfg.output_dir), cfg, summary)
         if owns_group:
             dist.destroy_process_group()
         return summary if rank == 0 else None
@@ -436,68 +311,6 @@ def _throughput(cfg, task, pipe) -> dict:
     meter.close()
     return {"history": [], "losses": meter.losses, "samples_per_second": meter.samples_per_second(), "eval": {},
             "skipped_updates": []}
-
-
-def _summarize(cfg, pipe, result) -> dict:
-    """Gather the loss ranks' figures and every rank's memory report."""
-    mine = {"memory": pipe.memory_report(),
-            "trace": pipe.trace_events() if cfg.trace else None,
-            "loss_rank": pipe.computes_loss,
-            "losses": result["losses"] if pipe.computes_loss else None,
-            "samples_per_second": result["samples_per_second"] if pipe.computes_loss else None}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    loss_ranks = [g for g in gathered if g["loss_rank"]]
-    rates = [g["samples_per_second"] for g in loss_ranks]
-    losses = loss_ranks[0]["losses"] or []
-    # Replicas differ only in their data: average their per-period losses.
-    if all(len(g["losses"]) == len(losses) for g in loss_ranks):
-        losses = [sum(g["losses"][t] for g in loss_ranks) / len(loss_ranks) for t in range(len(losses))]
-    tail = [x for x in losses[-10:] if math.isfinite(x)]  # a skipped update's loss may be NaN
-    history = result["history"]
-    if history and losses:  # rank 0 writes the summary but may compute no loss: per-epoch means here
-        per_epoch = len(losses) // len(history)
-        history = [{**record, "loss": sum(losses[i * per_epoch:(i + 1) * per_epoch]) / per_epoch}
-                   for i, record in enumerate(history)]
-    summary = {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
-            "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
-            "mode": cfg.mode,
-            "samples_per_second": sum(rates) if all(r is not None for r in rates) else None,
-            "final_loss": sum(tail) / len(tail) if tail else None,
-            "eval": result["eval"], "memory": [g["memory"] for g in gathered],
-            "history": history, "losses": losses, "skipped_updates": result["skipped_updates"],
-            "precision": pipe.precision_report(), "config": dataclasses.asdict(cfg)}
-    if cfg.trace:
-        summary["timeline"] = timeline_summary([e for g in gathered for e in g["trace"]])
-        summary["trace"] = [g["trace"] for g in gathered]   # written as trace.json, not in summary.json
-    return summary
-
-
-def _write_config(out_dir: Path, cfg) -> None:
-    import yaml
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-def _write_summary(out_dir: Path, cfg, summary: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trace = summary.pop("trace", None)
-    if trace is not None:
-        log.info("wrote %s", write_trace(out_dir / "trace.json", trace, cfg))
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    log.info("samples/s %s, final loss %s; wrote %s", _fmt(summary["samples_per_second"]),
-             _fmt(summary["final_loss"]), out_dir / "summary.json")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
 
 
 def _setup_logging(rank: int) -> None:

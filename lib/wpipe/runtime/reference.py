@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import precision, schedule
+from .. import schedule
+from . import precision
 
 
 def train(partitions: Sequence[nn.Module], loss_fn: Callable, make_optimizer: Callable,

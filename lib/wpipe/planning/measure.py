@@ -1,31 +1,20 @@
-"""Measure what each block of a model costs: bytes, FLOPs, kernels, and (optionally) seconds.
+"""Measure a model's blocks, in this process: bytes, FLOPs, kernels and seconds.
 
-A model is an ordered chain of blocks (BERT: embeddings, layers, head; ResNeXt: stem,
-Bottleneck blocks, head). Each block is run alone, at two micro-batch sizes, with the
-engine's own saved-tensor accounting (engine.Pipeline._count_saved: the storages autograd
-saves, weights excluded, each storage once), so that the bytes of any contiguous partition
-of blocks follow exactly (costmodel.partition_costs), without running the partition.
-
-Per block it records, every size an `Affine` in the micro-batch size b:
-
-* `param_bytes`, `optimizer_bytes` (the state one step of the task's optimizer creates);
-* `input_bytes`: its input tensors (what a partition starting here receives and stashes),
-  `input_grad_bytes`: those that need gradients (what its backward sends back);
-* `saved`: each storage autograd saves, labelled by where it comes from: ("in", k) = the
-  storage of input k, ("own", j) = made inside the block; `outputs`: the same labels for
-  each output, ("new", k) when the block made it without saving it. Labels let a partition
-  count a storage once when one block saves its output and the next saves it as input;
-* forward and backward FLOPs (torch.utils.flop_counter) and kernel launches (aten ops that
-  are not views), and, when asked, measured seconds of forward, backward and update.
-
-Blocks of the same `kind` are identical (BERT's layers): the first is measured, the others
-share its record. Measuring is cheap: one block at a time at b = 2 and 4.
+* `measure_blocks` runs each block alone, at micro-batch sizes 2 and 4, with the engine's
+  saved-tensor accounting (runtime/memory.py), and returns one `blockcost.BlockCost` per
+  block (what the cost model needs; that module's docstring says what each field means).
+  Blocks of the same `kind` are identical (BERT's layers): the first is measured, the others
+  share its record.
+* `block_seconds` times one forward and one backward of each block of a chain, so that the
+  entry points can cut partitions balanced by time. They measure on rank 0 only and hand
+  every rank the same numbers (train/loop.py), since timings differ from one process to
+  the next and every rank must cut the model the same way.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -33,58 +22,39 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .blockcost import Affine, BlockCost
+
 MICRO_BATCHES = (2, 4)
 """Sizes measured (2 and up: BatchNorm needs two values per channel at a 1 x 1 image)."""
 
 
-@dataclass(frozen=True)
-class Affine:
-    """value(b) = at1 + slope * (b - 1), b = micro-batch size (at1: the value at b = 1)."""
-    at1: float
-    slope: float
+def block_seconds(blocks: Sequence[nn.Module], inputs: tuple, repeats: int = 3) -> list[float]:
+    """Median seconds, over `repeats` passes after an untimed one, of one forward and one
+    backward (from gradients of ones) of each block; block i+1 takes block i's outputs.
+    Floating-point inputs of a block are leaves that need gradients, as in a pipeline."""
+    times: list[list[float]] = [[] for _ in blocks]
+    for attempt in range(repeats + 1):
+        x = inputs
+        for i, block in enumerate(blocks):
+            x = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in x)
+            _synchronize(x)
+            start = time.perf_counter()
+            out = block(*x)
+            outputs = out if isinstance(out, tuple) else (out,)
+            roots = [o for o in outputs if o.requires_grad]
+            torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
+            _synchronize(outputs)
+            if attempt:
+                times[i].append(time.perf_counter() - start)
+            x = tuple(o.detach() for o in outputs)
+    for block in blocks:
+        block.zero_grad(set_to_none=True)
+    return [statistics.median(t) for t in times]
 
-    def __call__(self, b: int) -> float:
-        return self.at1 + self.slope * (b - 1)
 
-    @classmethod
-    def fit(cls, x2: float, x4: float) -> Affine:
-        """Through value x2 at b = 2 and x4 at b = 4."""
-        slope = (x4 - x2) / 2
-        return cls(x2 - slope, slope)
-
-
-@dataclass
-class BlockCost:
-    name: str
-    kind: str
-    param_bytes: int
-    optimizer_bytes: int
-    input_bytes: Affine
-    input_grad_bytes: Affine
-    saved: list[tuple[tuple, Affine]]     # (label, bytes)
-    outputs: list[tuple]                  # label per output
-    forward_flops: Affine
-    backward_flops: Affine
-    forward_kernels: int
-    backward_kernels: int
-    seconds: dict[int, dict[str, float]] = field(default_factory=dict)
-    """micro-batch size -> {"forward", "backward", "update"} measured seconds."""
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["saved"] = [[list(label), asdict(size)] for label, size in self.saved]
-        d["outputs"] = [list(label) for label in self.outputs]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> BlockCost:
-        d = dict(d)
-        for key in ("input_bytes", "input_grad_bytes", "forward_flops", "backward_flops"):
-            d[key] = Affine(**d[key])
-        d["saved"] = [(tuple(label), Affine(**size)) for label, size in d["saved"]]
-        d["outputs"] = [tuple(label) for label in d["outputs"]]
-        d["seconds"] = {int(b): s for b, s in d.get("seconds", {}).items()}
-        return cls(**d)
+def _synchronize(tensors) -> None:
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize()
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -31,6 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import CheckpointError
+from ..files import write_atomic
+
 FORMAT = 1
 MANIFEST = "manifest.json"
 FOLDER = re.compile(r"^period_(\d+)$")
@@ -39,12 +41,6 @@ FOLDER = re.compile(r"^period_(\d+)$")
 FREE_ON_RESUME = {"output_dir", "checkpoint_dir", "resume", "checkpoint_every", "keep_checkpoints",
                   "log_every", "timeout_s", "num_workers", "backend", "verify_data", "max_eval_batches",
                   "on_nonfinite"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: missing, corrupt or of another run.
-    `rank_only`: found by one rank alone (its own file), so that rank reports it."""
-    rank_only = False
 
 
 def rank_file(rank: int) -> str:
@@ -98,19 +94,14 @@ def prune(root: Path, keep: int) -> None:
 
 
 def _write_atomic(path: Path, write) -> tuple[int, str]:
-    """write(file) into a temporary file beside `path`, fsync, rename; (size, sha256)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """write(file) into `path`, durably and atomically (files.write_atomic); (size, sha256)."""
+    hashing = None
+
+    def hashed(f):
+        nonlocal hashing
         hashing = _Hashing(f)
         write(hashing)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself reaches the disk
-    finally:
-        os.close(fd)
+    write_atomic(path, hashed, durable=True)
     return hashing.size, hashing.sha256.hexdigest()
 
 

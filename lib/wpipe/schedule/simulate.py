@@ -21,7 +21,7 @@ from fractions import Fraction
 from numbers import Rational
 
 from .check import Report, check_schedule, dependency
-from .schedule import Op, device_of, num_partitions as count_partitions
+from .methods import Op, device_of, num_partitions as count_partitions
 
 Time = int | Fraction | float
 

@@ -14,7 +14,7 @@ Every rank builds its own partitions, checks the schedule, then walks its device
   (nothing touches the partition in between), but off the critical path, where the
   other devices wait for this one's next op.
 
-Failures are re-raised naming rank, step and op; waits time out (comm.py). With
+Failures are re-raised naming rank, step and op; waits time out (transport.py). With
 `cfg.trace`, every op's compute and every wait is recorded (trace.py). `cfg.precision`
 and `cfg.wire_dtype` follow precision.py: forwards under autocast, the loss in fp32, and
 with fp16 the loss scale of the micro-batch's period and the agreed skip of an update
@@ -32,12 +32,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from . import precision, schedule
-from .check import check_schedule, format_schedule, last_uses
-from .comm import CommError, Links
-from .config import PipelineConfig
-from .topology import Topology, create_groups, resolve_backends, run_device
-from .trace import Recorder, common_origin
+from .. import schedule
+from ..config import PipelineConfig
+from ..errors import CommError
+from ..schedule import Topology, check_schedule, format_schedule, last_uses
+from ..trace import Recorder, common_origin
+from . import precision
+from .distributed import create_groups, resolve_backends, run_device
+from .transport import Links
 from .versions import WeightVersions
 
 

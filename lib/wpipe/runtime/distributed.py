@@ -1,8 +1,9 @@
-"""Where things live: rank <-> (replica, device), partition -> device, process groups.
+"""Process groups and devices of a run: torch.distributed's side of the topology.
 
-Pure arithmetic in `Topology`; `create_groups` is the only place that makes process
-groups, and every rank calls it with the same arguments so that the groups are created
-in the same order everywhere (torch.distributed requires it).
+`create_groups` is the only place that makes process groups, and every rank calls it with
+the same arguments so that the groups are created in the same order everywhere
+(torch.distributed requires it). The arithmetic (which rank holds what) is
+`wpipe.schedule.topology.Topology`.
 """
 from __future__ import annotations
 
@@ -10,61 +11,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from . import schedule
-from .config import PipelineConfig
-
-
-@dataclass(frozen=True)
-class Topology:
-    method: str
-    depth: int              # N
-    data_parallel: int      # D
-    rank_layout: str        # "pipeline_major" or "replica_major"
-
-    @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> Topology:
-        return cls(cfg.method, cfg.pipeline_depth, cfg.data_parallel, cfg.rank_layout)
-
-    @property
-    def world_size(self) -> int:
-        return self.depth * self.data_parallel
-
-    @property
-    def num_partitions(self) -> int:
-        return schedule.num_partitions(self.method, self.depth)
-
-    def rank_of(self, replica: int, device: int) -> int:
-        if self.rank_layout == "pipeline_major":
-            return replica * self.depth + device
-        return device * self.data_parallel + replica
-
-    def coordinates(self, rank: int) -> tuple[int, int]:
-        """(replica, device) of a global rank."""
-        if self.rank_layout == "pipeline_major":
-            return divmod(rank, self.depth)
-        device, replica = divmod(rank, self.data_parallel)
-        return replica, device
-
-    def device_of(self, partition: int) -> int:
-        return schedule.device_of(self.method, partition, self.depth)
-
-    def partitions_of(self, device: int) -> list[int]:
-        return [p for p in range(self.num_partitions) if self.device_of(p) == device]
-
-    def rank_of_partition(self, partition: int, replica: int) -> int:
-        return self.rank_of(replica, self.device_of(partition))
-
-    def streams(self) -> list[tuple[str, int, int, int]]:
-        """Every message stream between two devices, in a fixed order, as (kind,
-        partition, source device, destination device): ("F", p) carries partition p's
-        outputs to p+1, ("B", p) the gradients of partition p's inputs back to p-1
-        (wpipe's wrap-around included). Streams within one device are not listed."""
-        out = []
-        for p in range(self.num_partitions - 1):
-            a, b = self.device_of(p), self.device_of(p + 1)
-            if a != b:
-                out += [("F", p, a, b), ("B", p + 1, b, a)]
-        return out
+from ..schedule.topology import Topology
 
 
 @dataclass

@@ -1,20 +1,14 @@
 """Mixed precision: autocast around partitions, the fp16 loss scaler, reduced-precision wire.
 
 One `Policy` per run (`Policy.from_config`), used the same way by the engine (engine.py,
-comm.py) and by the oracle (reference.py), so that both compute the same numbers:
+transport.py) and by the oracle (reference.py), so that both compute the same numbers:
 
 * **precision** fp32 | bf16 | fp16: `autocast()` wraps every partition's forward (and its
   recompute) in torch.autocast on the run's device. Weights, gradients and optimizer state
   keep their own dtype (fp32 master weights); `loss_input` casts fp16/bf16 outputs to fp32
   before the loss. float64 tensors are never autocast (torch's rule).
-* **wire_dtype** null | fp16 | bf16 (`Wire`): every float32/float64 tensor of a
-  point-to-point message travels in the wire dtype and is cast back to its own dtype on
-  arrival (activations and gradients alike). On an fp16 wire each such tensor is first
-  multiplied by 2^k, the power of two that puts its largest magnitude in [2^13, 2^14)
-  (fp16 tops at 65504): nothing overflows, small gradients keep fp16's full precision, and
-  2^-k undoes it on arrival (k travels with the message, |k| <= 120). A tensor holding
-  inf or NaN travels unscaled (inf stays inf: the loss scaler must see it). The casts are
-  deterministic: the same tensor gives the same bits on every rank, and in the oracle.
+* **wire_dtype** null | fp16 | bf16: point-to-point messages travel cast (`Wire`, whose
+  rule wire.py states).
 
 The fp16 loss scaler (`LossScaler`; `Agreement` runs it across ranks). Partitions with the
 same staleness form a *scaler group*: "stale" (wpipe's G0, every pipedream_2bw stage) and
@@ -44,19 +38,15 @@ bf16 and fp32 need no scaler (`Policy.make_scaler` returns None).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .config import WIRE_DTYPES
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CAST_ON_WIRE = (torch.float32, torch.float64)
-FP16_TARGET_EXPONENT = 14       # largest magnitude lands in [2^13, 2^14)
-MAX_WIRE_EXPONENT = 120         # 2^±120 is exact in float32
+from ..errors import CommError
+from ..schedule import get_method
+from .wire import REDUCED, Wire
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ class Policy:
         """The context every partition's forward runs in."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=DTYPES[self.precision])
+        return torch.autocast(self.device_type, dtype=REDUCED[self.precision])
 
     @staticmethod
     def loss_input(output):
@@ -108,96 +98,13 @@ class Policy:
 
 def scaler_groups(method: str, depth: int) -> dict[str, int]:
     """{group: lag} of the groups `method` has ("stale" lags 1 period, "synchronous" 0)."""
-    from . import schedule
-    spec = schedule.get_method(method)
+    spec = get_method(method)
     return {group_of(spec.stale(p, depth)): int(spec.stale(p, depth))
             for p in range(spec.num_partitions(depth))}
 
 
 def group_of(stale: bool) -> str:
     return "stale" if stale else "synchronous"
-
-
-# ------------------------------------------------------------------ the wire
-
-class Wire:
-    """Casts of point-to-point messages (module docstring). `encode` returns the tensors
-    to send and, per sent tensor, the dtype to restore on arrival; `decode` inverts it."""
-
-    def __init__(self, dtype: str | None):
-        if dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be fp16, bf16 or null, got {dtype!r}")
-        self.name = dtype
-        self.dtype = DTYPES.get(dtype)
-
-    def encode(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], list[torch.dtype]]:
-        if self.dtype is None:
-            return tensors, [t.dtype for t in tensors]
-        out, exponents = [], []
-        for t in tensors:
-            k = 0
-            if t.dtype in CAST_ON_WIRE:
-                k = _fp16_exponent(t) if self.dtype == torch.float16 else 0
-                t = (t * 2.0 ** k if k else t).to(self.dtype)
-            out.append(t)
-            exponents.append(k)
-        restore = [t.dtype for t in tensors]
-        if self.dtype == torch.float16:
-            out.append(torch.tensor(exponents, dtype=torch.int32, device=tensors[0].device if tensors else "cpu"))
-            restore.append(torch.int32)
-        return tuple(out), restore
-
-    def decode(self, tensors, restore: list[torch.dtype]) -> tuple[torch.Tensor, ...]:
-        if self.dtype is None:
-            return tuple(tensors)
-        exponents = [0] * len(tensors)
-        if self.dtype == torch.float16:
-            exponents, tensors, restore = tensors[-1].tolist(), tensors[:-1], restore[:-1]
-        out = []
-        for t, dtype, k in zip(tensors, restore, exponents):
-            if t.dtype != dtype:
-                t = t.to(dtype)
-                if k:
-                    t = t * 2.0 ** -k
-            out.append(t)
-        return tuple(out)
-
-    def roundtrip(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """What the receiver gets for `tensors`."""
-        return self.decode(*self.encode(tensors))
-
-    def across(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """`tensors` carried across a device boundary inside one autograd graph (the
-        oracle): values round-trip forward, and the gradients round-trip backward, each
-        tensor on its own, as the engine's gradient messages do."""
-        if self.dtype is None:
-            return tensors
-        return _Across.apply(self, *tensors)
-
-
-class _Across(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, wire, *tensors):
-        ctx.wire = wire
-        out = wire.roundtrip(tuple(t.detach() for t in tensors))
-        ctx.mark_non_differentiable(*[o for o, t in zip(out, tensors) if not t.requires_grad])
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *(ctx.wire.roundtrip((g,))[0] if g is not None and needed else None
-                        for g, needed in zip(grads, ctx.needs_input_grad[1:])))
-
-
-def _fp16_exponent(t: torch.Tensor) -> int:
-    """k such that max|t| x 2^k lies in [2^13, 2^14); 0 for an empty, zero or non-finite t."""
-    if t.numel() == 0:
-        return 0
-    largest = t.detach().abs().max().item()
-    if largest == 0 or not math.isfinite(largest):
-        return 0
-    k = FP16_TARGET_EXPONENT - math.frexp(largest)[1]
-    return max(-MAX_WIRE_EXPONENT, min(MAX_WIRE_EXPONENT, k))
 
 
 # ------------------------------------------------------------------ the fp16 loss scaler
@@ -304,7 +211,6 @@ class Agreement:
         try:
             work.wait(self.timeout)
         except Exception as error:
-            from .comm import CommError
             raise CommError(f"rank {self.rank}: waited for every rank's fp16 overflow verdict of the "
                             f"{key[0]} group at period {key[1]} and it did not come within "
                             f"{self.timeout.total_seconds():g} s. Likely cause: a rank stopped; its own "

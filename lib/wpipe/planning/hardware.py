@@ -3,7 +3,7 @@
 Every field is required (no silent defaults: a preset states its assumptions); bad values
 fail naming the file and the field. Ranks fill nodes in order: rank r is on node
 r // ranks_per_node (torchrun's numbering), so which links a transfer or an all-reduce
-crosses follows from the rank layout (topology.Topology).
+crosses follows from the rank layout (wpipe.schedule.Topology).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A message is a tuple of tensors (a partition's outputs, or the gradients of its 
 plus a key naming it (`("F", 2, 3)` = the output of partition 2's forward of micro-batch
 3). The messages of one partition and kind form a *stream* (`("F", 2)`: partition 2's
 outputs, in micro-batch order). Each stream has process groups of its own
-(topology.create_groups), so it is a FIFO that both ends handle in the same order.
+(distributed.create_groups), so it is a FIFO that both ends handle in the same order.
 
 A stream's metadata (dtypes, shapes, gradient flags) is sent once and again only when it
 changes (a last, smaller batch). On the wire, per message and in this order:
@@ -17,7 +17,7 @@ changes (a last, smaller batch). On the wire, per message and in this order:
 4. the tensors, on the data group (the point-to-point backend: NCCL tensors live on the
    GPU; with gloo, CUDA tensors are staged through pinned CPU buffers, `stage`).
 
-Tensors travel as the `wire` casts them (precision.Wire: float32/float64 in fp16 or bf16
+Tensors travel as the `wire` casts them (wire.Wire: float32/float64 in fp16 or bf16
 when wire_dtype is set) and are cast back on arrival: the metadata holds both dtypes.
 
 Receives are posted ahead. The engine tells its links, per call, the keys each stream
@@ -40,43 +40,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .precision import Wire
+from ..errors import CommError
+from .wire import Wire, decode_metadata, encode_metadata
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
-          torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
 KIND_CODES = {"F": 0, "B": 1}
 KINDS = {code: kind for kind, code in KIND_CODES.items()}
-
-
-class CommError(RuntimeError):
-    pass
-
-
-def encode_metadata(tensors: tuple[torch.Tensor, ...], restore: list[torch.dtype] | None = None,
-                    requires_grad: list[bool] | None = None) -> list[int]:
-    """[count, then per tensor: dtype code, dtype code on arrival, requires_grad, ndim,
-    *shape]. `restore` (default: the tensors' dtypes) and `requires_grad` (default: the
-    tensors' flags) describe what the receiver makes of each tensor."""
-    restore = restore or [t.dtype for t in tensors]
-    requires_grad = requires_grad or [t.requires_grad for t in tensors]
-    meta = [len(tensors)]
-    for t, dtype, flag in zip(tensors, restore, requires_grad):
-        for d in (t.dtype, dtype):
-            if d not in DTYPES:
-                raise TypeError(f"cannot send a tensor of dtype {d}; supported: {DTYPES}")
-        meta += [DTYPES.index(t.dtype), DTYPES.index(dtype), int(flag), t.dim(), *t.shape]
-    return meta
-
-
-def decode_metadata(meta: list[int]) -> list[tuple[torch.dtype, torch.dtype, bool, tuple[int, ...]]]:
-    """Per tensor: (dtype on the wire, dtype on arrival, requires_grad, shape)."""
-    out, i = [], 1
-    for _ in range(meta[0]):
-        dtype, restore, requires_grad, ndim = meta[i:i + 4]
-        out.append((DTYPES[dtype], DTYPES[restore], bool(requires_grad), tuple(meta[i + 4:i + 4 + ndim])))
-        i += 4 + ndim
-    return out
-
 
 class _Posted:
     """The receives posted for the next message of one incoming stream."""
@@ -89,7 +57,7 @@ class _Posted:
 
 class Links:
     """This rank's ends of its streams. `streams[(kind, partition)]` = (source rank,
-    destination rank, control group, data group), as in topology.Groups. Received tensors
+    destination rank, control group, data group), as in distributed.Groups. Received tensors
     land on `device`; with `stage`, CUDA tensors travel through pinned CPU buffers (gloo
     data groups cannot carry CUDA tensors point to point). `wire` casts them on the way."""
 

@@ -20,7 +20,8 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from . import costmodel, schedule
+from .. import schedule
+from . import costmodel
 from .blockcost import BlockCost
 from .hardware import Hardware
 from .partition import uniform
@@ -199,7 +200,7 @@ def balanced_ranges(blocks: list[BlockCost], method: str, depth: int, b: int, re
 
 
 def probe_rates(probe: dict, blocks: list[BlockCost], uniform_plan) -> tuple[float, float]:
-    """(forward, backward) FLOP/s that a probe measured (probe.json of probe mode, wpipe.probe:
+    """(forward, backward) FLOP/s that a probe measured (probe.json of probe mode, wpipe.train.probe:
     its method, pipeline_depth, micro_batch_size, recompute, and per device a list `ops` of
     per-partition `partition`, `forward_s`, `backward_s` and `recompute_s`): the FLOPs of those
     partitions (the runtime's uniform split) over the seconds measured; a recomputation counts

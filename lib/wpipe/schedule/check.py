@@ -21,13 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schedule import Op, get_method, validate, weights_version
+from ..errors import ScheduleError
+from .methods import Op, get_method, validate, weights_version
 
 Schedule = list[list[Op]]
 
-
-class ScheduleError(ValueError):
-    pass
 
 
 @dataclass

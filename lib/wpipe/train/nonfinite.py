@@ -25,12 +25,10 @@ import types
 import torch
 import torch.distributed as dist
 
+from ..errors import NonFiniteError
+
 MODES = ("stop", "skip")
 log = logging.getLogger("wpipe")
-
-
-class NonFiniteError(FloatingPointError):
-    pass
 
 
 class NonFiniteStop(SystemExit):

@@ -1,0 +1,136 @@
+"""What a point-to-point message looks like on the wire: the metadata codec and the casts.
+
+* **Metadata** (`encode_metadata` / `decode_metadata`): a list of ints describing a tuple of
+  tensors, so the receiver can post receives of the right dtypes and shapes:
+  [count, then per tensor: dtype code, dtype code on arrival, requires_grad, ndim, *shape].
+* **Wire casts** (`Wire`, for `wire_dtype` null | fp16 | bf16): every float32/float64 tensor
+  of a message travels in the wire dtype and is cast back to its own dtype on arrival
+  (activations and gradients alike). On an fp16 wire each such tensor is first multiplied
+  by 2^k, the power of two that puts its largest magnitude in [2^13, 2^14) (fp16 tops at
+  65504): nothing overflows, small gradients keep fp16's full precision, and 2^-k undoes it
+  on arrival (k travels with the message, |k| <= 120). A tensor holding inf or NaN travels
+  unscaled (inf stays inf: the loss scaler must see it). The casts are deterministic: the
+  same tensor gives the same bits on every rank, and in the oracle (`Wire.across`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import WIRE_DTYPES
+
+REDUCED = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CAST_ON_WIRE = (torch.float32, torch.float64)
+FP16_TARGET_EXPONENT = 14       # largest magnitude lands in [2^13, 2^14)
+MAX_WIRE_EXPONENT = 120         # 2^±120 is exact in float32
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+          torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+
+def encode_metadata(tensors: tuple[torch.Tensor, ...], restore: list[torch.dtype] | None = None,
+                    requires_grad: list[bool] | None = None) -> list[int]:
+    """[count, then per tensor: dtype code, dtype code on arrival, requires_grad, ndim,
+    *shape]. `restore` (default: the tensors' dtypes) and `requires_grad` (default: the
+    tensors' flags) describe what the receiver makes of each tensor."""
+    restore = restore or [t.dtype for t in tensors]
+    requires_grad = requires_grad or [t.requires_grad for t in tensors]
+    meta = [len(tensors)]
+    for t, dtype, flag in zip(tensors, restore, requires_grad):
+        for d in (t.dtype, dtype):
+            if d not in DTYPES:
+                raise TypeError(f"cannot send a tensor of dtype {d}; supported: {DTYPES}")
+        meta += [DTYPES.index(t.dtype), DTYPES.index(dtype), int(flag), t.dim(), *t.shape]
+    return meta
+
+
+def decode_metadata(meta: list[int]) -> list[tuple[torch.dtype, torch.dtype, bool, tuple[int, ...]]]:
+    """Per tensor: (dtype on the wire, dtype on arrival, requires_grad, shape)."""
+    out, i = [], 1
+    for _ in range(meta[0]):
+        dtype, restore, requires_grad, ndim = meta[i:i + 4]
+        out.append((DTYPES[dtype], DTYPES[restore], bool(requires_grad), tuple(meta[i + 4:i + 4 + ndim])))
+        i += 4 + ndim
+    return out
+
+
+class Wire:
+    """Casts of point-to-point messages (module docstring). `encode` returns the tensors
+    to send and, per sent tensor, the dtype to restore on arrival; `decode` inverts it."""
+
+    def __init__(self, dtype: str | None):
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be fp16, bf16 or null, got {dtype!r}")
+        self.name = dtype
+        self.dtype = REDUCED.get(dtype)
+
+    def encode(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], list[torch.dtype]]:
+        if self.dtype is None:
+            return tensors, [t.dtype for t in tensors]
+        out, exponents = [], []
+        for t in tensors:
+            k = 0
+            if t.dtype in CAST_ON_WIRE:
+                k = _fp16_exponent(t) if self.dtype == torch.float16 else 0
+                t = (t * 2.0 ** k if k else t).to(self.dtype)
+            out.append(t)
+            exponents.append(k)
+        restore = [t.dtype for t in tensors]
+        if self.dtype == torch.float16:
+            out.append(torch.tensor(exponents, dtype=torch.int32, device=tensors[0].device if tensors else "cpu"))
+            restore.append(torch.int32)
+        return tuple(out), restore
+
+    def decode(self, tensors, restore: list[torch.dtype]) -> tuple[torch.Tensor, ...]:
+        if self.dtype is None:
+            return tuple(tensors)
+        exponents = [0] * len(tensors)
+        if self.dtype == torch.float16:
+            exponents, tensors, restore = tensors[-1].tolist(), tensors[:-1], restore[:-1]
+        out = []
+        for t, dtype, k in zip(tensors, restore, exponents):
+            if t.dtype != dtype:
+                t = t.to(dtype)
+                if k:
+                    t = t * 2.0 ** -k
+            out.append(t)
+        return tuple(out)
+
+    def roundtrip(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """What the receiver gets for `tensors`."""
+        return self.decode(*self.encode(tensors))
+
+    def across(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """`tensors` carried across a device boundary inside one autograd graph (the
+        oracle): values round-trip forward, and the gradients round-trip backward, each
+        tensor on its own, as the engine's gradient messages do."""
+        if self.dtype is None:
+            return tensors
+        return _Across.apply(self, *tensors)
+
+
+class _Across(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, wire, *tensors):
+        ctx.wire = wire
+        out = wire.roundtrip(tuple(t.detach() for t in tensors))
+        ctx.mark_non_differentiable(*[o for o, t in zip(out, tensors) if not t.requires_grad])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *(ctx.wire.roundtrip((g,))[0] if g is not None and needed else None
+                        for g, needed in zip(grads, ctx.needs_input_grad[1:])))
+
+
+def _fp16_exponent(t: torch.Tensor) -> int:
+    """k such that max|t| x 2^k lies in [2^13, 2^14); 0 for an empty, zero or non-finite t."""
+    if t.numel() == 0:
+        return 0
+    largest = t.detach().abs().max().item()
+    if largest == 0 or not math.isfinite(largest):
+        return 0
+    k = FP16_TARGET_EXPONENT - math.frexp(largest)[1]
+    return max(-MAX_WIRE_EXPONENT, min(MAX_WIRE_EXPONENT, k))

@@ -94,18 +94,18 @@ def test_untraced_run_writes_no_trace(tmp_path):
 
 
 def test_recorder_events():
-    off = Recorder(False, rank=3)
+    off = Recorder(False)
     with off.span("compute", "0F0"):
         pass
-    assert off.chrome_events() == [{"name": "process_name", "ph": "M", "pid": 3, "args": {"name": "rank 3"}}]
-    on = Recorder(True, rank=1)
+    assert off.chrome_events(3) == [{"name": "process_name", "ph": "M", "pid": 3, "args": {"name": "rank 3"}}]
+    on = Recorder(True)
     on.set_origin(on.origin)
     with on.span("call", "train", {"micro_batches": 2}):
         with on.span("wait", "wait recv 0F0", {"peer": 0}):
             pass
         with on.span("compute", schedule.Op("F", 1, 0)):
             pass
-    label, call, wait, compute = on.chrome_events("rank 1 (replica 0, device 1)")
+    label, call, wait, compute = on.chrome_events(1, "rank 1 (replica 0, device 1)")
     assert label["args"]["name"] == "rank 1 (replica 0, device 1)"
     assert (call["name"], call["cat"], call["args"]) == ("train", "call", {"micro_batches": 2})
     assert (wait["name"], wait["cat"], wait["args"]) == ("wait recv 0F0", "wait", {"peer": 0})

@@ -23,12 +23,12 @@ from .files import write_atomic
 
 
 class Recorder:
-    """Events of one rank. Times are perf_counter seconds from `origin`."""
+    """Events of one rank. Times are perf_counter seconds from `origin`. `synchronize`:
+    wait for the GPU at both ends of every span (probe mode's op times)."""
 
-    def __init__(self, enabled: bool, rank: int, synchronize: bool = False):
+    def __init__(self, enabled: bool, synchronize: bool = False):
         self.enabled = enabled
-        self.rank = rank
-        self.synchronize = synchronize   # wait for CUDA work at both ends of a span (probe mode)
+        self.synchronize = synchronize
         self.origin = time.perf_counter()
         self.events: list[tuple[str, str, float, float, dict | None]] = []   # (cat, name, start, end, args)
 
@@ -58,13 +58,12 @@ class Recorder:
             import torch
             torch.cuda.synchronize()
 
-    def chrome_events(self, label: str | None = None) -> list[dict]:
-        """This rank's events in Chrome trace-event form, a process-name record first,
-        then by start time."""
-        out = [{"name": "process_name", "ph": "M", "pid": self.rank,
-                "args": {"name": label or f"rank {self.rank}"}}]
+    def chrome_events(self, rank: int, label: str | None = None) -> list[dict]:
+        """The events in Chrome trace-event form as global rank `rank`'s (the pid), a
+        process-name record first, then by start time."""
+        out = [{"name": "process_name", "ph": "M", "pid": rank, "args": {"name": label or f"rank {rank}"}}]
         for category, name, start, end, args in sorted(self.events, key=lambda e: e[2]):
-            event = {"name": name, "cat": category, "ph": "X", "pid": self.rank, "tid": 0,
+            event = {"name": name, "cat": category, "ph": "X", "pid": rank, "tid": 0,
                      "ts": round((start - self.origin) * 1e6, 3), "dur": round((end - start) * 1e6, 3)}
             if args:
                 event["args"] = args

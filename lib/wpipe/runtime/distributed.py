@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from ..schedule.topology import Topology
+from ..trace import Recorder, common_origin
+from .transport import Links, Place
+from .updates import GradientMean
+from .wire import Wire
 
 
 @dataclass
@@ -50,6 +55,37 @@ def create_groups(topology: Topology, rank: int, backend: str, p2p_backend: str 
             if rank in (src, dst):
                 streams[(kind, partition)] = (src, dst, control, data)
     return Groups(dp_group, streams)
+
+
+def connect(cfg, topology: Topology, trace: Recorder) -> Links:
+    """This rank's transport over the process group torch.distributed was initialised with
+    (N x D ranks, `init_distributed`): its place and device, the groups of every stream and
+    of its replicas (`create_groups`), and with `cfg.trace` a time origin common to every
+    rank's events (trace.common_origin). A collective: call on every rank."""
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: launch with torchrun and call "
+                           "wpipe.init_distributed() before building a Pipeline")
+    if dist.get_world_size() != topology.world_size:
+        raise ValueError(f"world size is {dist.get_world_size()} but pipeline_depth {topology.depth} "
+                         f"x data_parallel {topology.data_parallel} = {topology.world_size}: launch "
+                         f"{topology.world_size} processes or change the two fields")
+    backend = dist.get_backend()
+    _, p2p_backend = resolve_backends(backend, cfg.p2p_backend)
+    rank = dist.get_rank()
+    replica, device_index = topology.coordinates(rank)
+    device = run_device(backend, cfg.p2p_backend)
+    groups = create_groups(topology, rank, backend, p2p_backend)
+    mean = None
+    if groups.data_parallel is not None:
+        # gloo carries CUDA tensors only through CPU buffers: the flat copy is made there.
+        mean = GradientMean(groups.data_parallel, [topology.rank_of(r, device_index) for r in range(topology.data_parallel)],
+                            torch.device("cpu") if backend == "gloo" else device, rank, cfg.timeout_s)
+    links = Links(Place(rank, replica, device_index, device), groups.streams, cfg.timeout_s, trace,
+                  Wire(cfg.wire_dtype), stage=p2p_backend == "gloo" and device.type == "cuda",
+                  p2p_backend=p2p_backend, mean=mean)
+    if cfg.trace:
+        trace.set_origin(common_origin())
+    return links
 
 
 def resolve_backends(backend: str | None, p2p_backend: str = "auto") -> tuple[str, str]:

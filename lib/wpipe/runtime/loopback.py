@@ -15,6 +15,7 @@ import torch
 
 from ..errors import CommError
 from ..schedule import Topology
+from .transport import Place
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,23 @@ def infer_outputs(build_partition: Callable, num_partitions: int, inputs: tuple)
 
 
 class Loopback:
-    """Stands in for `transport.Links` on device `device_index` of a pipeline without peers.
+    """A `Transport` for device `device_index` of replica 0, without peers.
 
     `outputs` (from `infer_outputs`) says what every partition sends forward; a backward
     message carries the gradients of the previous partition's outputs that need them.
     Receives return fresh tensors (floats drawn from a normal distribution, other dtypes
     ones), sends are checked against the inferred message and dropped. Counts the bytes of
     every message by stream: `sent` and `received` map (kind, partition) to the largest
-    message's bytes."""
+    message's bytes. No data-parallel mean (probe mode times none) and no fp16 agreement
+    (probe mode measures float32); every op is timed to the device's end."""
+
+    p2p_backend = "loopback"
+    mean = None
+    synchronize_ops = True
 
     def __init__(self, topology: Topology, device_index: int, outputs: list[list[Spec]],
                  device: torch.device, seed: int = 0):
+        self.place = Place(topology.rank_of(0, device_index), 0, device_index, device)
         self.topology, self.device_index, self.outputs, self.device = topology, device_index, outputs, device
         self.generator = torch.Generator(device).manual_seed(seed)
         self.expected: set[tuple] = set()
@@ -73,6 +80,10 @@ class Loopback:
         if kind == "F":
             return self.outputs[partition]
         return [Spec(s.shape, s.dtype, False) for s in self.outputs[partition - 1] if s.requires_grad]
+
+    def agreement(self, scaler):
+        raise ValueError("precision fp16 needs every rank's overflow verdict: a loopback has no peers "
+                         "(probe mode measures float32)")
 
     def expect(self, keys: list[tuple]) -> None:
         self.expected = set(keys)

@@ -1,4 +1,12 @@
-"""Point-to-point transfer of tensor tuples between two ranks, with timeouts.
+"""What the engine needs of the ranks around it (`Transport`), and the real links (`Links`):
+point-to-point transfer of tensor tuples between two ranks, with timeouts.
+
+`Transport` is the one protocol the engine talks to: where this rank sits (`place`), the
+point-to-point messages of the schedule (`expect`, `send`, `recv`, `arrived`, `finish`),
+the data-parallel gradient mean (`mean`, None without replicas) and the fp16 overflow
+agreement (`agreement`). `Links` implements it over process groups
+(distributed.connect makes them); `loopback.Loopback` implements it without peers, for
+probe mode.
 
 A message is a tuple of tensors (a partition's outputs, or the gradients of its inputs)
 plus a key naming it (`("F", 2, 3)` = the output of partition 2's forward of micro-batch
@@ -35,16 +43,58 @@ the likely cause.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from ..errors import CommError
+from .precision import Agreement, LossScaler
+from .updates import GradientMean
 from .wire import Wire, decode_metadata, encode_metadata
 
 KIND_CODES = {"F": 0, "B": 1}
 KINDS = {code: kind for kind, code in KIND_CODES.items()}
+
+Key = tuple[str, int, int]   # (kind, partition, micro-batch): the output or input gradients of an op
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a rank sits: its global rank, its data-parallel replica and pipeline device
+    position, and the device it computes on."""
+    rank: int
+    replica: int
+    device_index: int
+    device: torch.device
+
+
+class Transport(Protocol):
+    place: Place
+    p2p_backend: str                 # how tensors travel (reports): nccl, gloo, loopback
+    mean: GradientMean | None        # the mean of gradients over the replicas, or None
+    synchronize_ops: bool            # time every op to the device's end (probe mode)
+
+    def expect(self, keys: list[Key]) -> None:
+        """The keys this rank will receive in the coming call, each stream's in its order."""
+
+    def send(self, key: Key, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Start sending `tensors` (the result of op `key`) to the rank that needs them."""
+
+    def recv(self, key: Key, waiter: str) -> tuple[torch.Tensor, ...]:
+        """The tensors of message `key`; `waiter` names the op that needs them (errors)."""
+
+    def arrived(self, key: Key) -> bool:
+        """Whether `recv(key)` would return without waiting."""
+
+    def finish(self, waiter: str = "end of train") -> None:
+        """Wait until every send has left (a sender keeps its tensors until then)."""
+
+    def agreement(self, scaler: LossScaler) -> Agreement:
+        """The fp16 loss scaler shared by every rank (a collective: call on every rank)."""
+
 
 class _Posted:
     """The receives posted for the next message of one incoming stream."""
@@ -56,19 +106,22 @@ class _Posted:
 
 
 class Links:
-    """This rank's ends of its streams. `streams[(kind, partition)]` = (source rank,
-    destination rank, control group, data group), as in distributed.Groups. Received tensors
-    land on `device`; with `stage`, CUDA tensors travel through pinned CPU buffers (gloo
-    data groups cannot carry CUDA tensors point to point). `wire` casts them on the way."""
+    """This rank's ends of its streams (a `Transport`). `streams[(kind, partition)]` =
+    (source rank, destination rank, control group, data group), as in distributed.Groups.
+    Received tensors land on `place.device`; with `stage`, CUDA tensors travel through
+    pinned CPU buffers (gloo data groups cannot carry CUDA tensors point to point). `wire`
+    casts them on the way."""
 
-    def __init__(self, rank: int, streams: dict, device: torch.device, timeout_s: float, trace=None,
-                 wire: Wire | None = None, stage: bool = False):
-        self.rank = rank
+    synchronize_ops = False
+
+    def __init__(self, place: Place, streams: dict, timeout_s: float, trace=None, wire: Wire | None = None,
+                 stage: bool = False, p2p_backend: str = "gloo", mean: GradientMean | None = None):
+        self.place, self.rank, self.device = place, place.rank, place.device
         self.streams = streams
-        self.device = device
+        self.p2p_backend, self.mean = p2p_backend, mean
         self.wire = wire or Wire(None)
         self.stage = stage
-        self.wire_device = torch.device("cpu") if stage else device
+        self.wire_device = torch.device("cpu") if stage else place.device
         self.timeout = timedelta(seconds=timeout_s)
         self.trace = trace
         self.metadata: dict[tuple, list] = {}            # stream -> metadata both ends know
@@ -76,6 +129,9 @@ class Links:
         self.posted: dict[tuple, _Posted] = {}           # incoming stream -> receives of its next message
         self.early: dict[tuple, tuple[torch.Tensor, ...]] = {}   # arrived before asked for
         self.in_flight: list[tuple[object, object, str]] = []    # (work, tensors kept alive, what)
+
+    def agreement(self, scaler: LossScaler) -> Agreement:
+        return Agreement(scaler, self.rank, self.timeout.total_seconds())
 
     def expect(self, keys: list[tuple]) -> None:
         """Set the keys this rank will receive in the coming call, each stream's in the

@@ -63,7 +63,7 @@ def probe_device(s: int, cfg, task, build_partition: Callable, outputs: list[lis
     pipe = Pipeline(build_partition, task.loss_fn, task.make_optimizer,
                     dataclasses.replace(cfg.pipeline_fields(), trace=True),
                     make_lr_scheduler=lambda optimizer: task.make_lr_scheduler(optimizer, total_periods),
-                    loopback=loopback)
+                    transport=loopback)
     pipe.train(data)
     memory = pipe.memory_report()
     times = op_times(pipe.trace.events, cfg.period, cfg.throughput_warmup_periods)

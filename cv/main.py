@@ -20,14 +20,18 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Subset
 
-from cv.data import (DATASETS, load_dataset, micro_batch_labels, micro_batch_loader,
-                     synthetic_dataset)
-from cv.model import (build_resnext_partition, check_image_size, resnext_block_specs,
-                      resnext_partition_plan, resnext_spec)
+from cv.data import DATASETS, load_dataset, micro_batch_labels, micro_batch_loader, synthetic_dataset
+from cv.model import (
+    build_resnext_partition,
+    check_image_size,
+    resnext_block_specs,
+    resnext_partition_plan,
+    resnext_spec,
+)
 from wpipe import schedule
 from wpipe.planning.measure import ModelBlocks
-from wpipe.train import Task, TrainConfig, cli
 from wpipe.schedule import Topology
+from wpipe.train import Task, TrainConfig, cli
 
 log = logging.getLogger("wpipe.cv")
 BALANCES = ("uniform", "params")

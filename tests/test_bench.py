@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from launch import ROOT
 from wpipe.launch import run
+
+from launch import ROOT
 
 BENCH = ROOT / "tool" / "bench.py"
 METHODS = ["wpipe", "pipedream_2bw"]
@@ -36,6 +37,7 @@ def bench_run(tmp_path_factory):
     return out, stdout
 
 
+@pytest.mark.distributed
 def test_table_has_a_row_per_method_and_peer(bench_run):
     out, stdout = bench_run
     table = (out / "bench.txt").read_text()
@@ -53,6 +55,7 @@ def test_table_has_a_row_per_method_and_peer(bench_run):
     assert set(json.loads((out / "bench.json").read_text())["results"]) == {"single", *METHODS, PEER}
 
 
+@pytest.mark.distributed
 def test_trace_per_method(bench_run):
     out, _ = bench_run
     for method in METHODS:

@@ -13,9 +13,8 @@ import sys
 import pytest
 
 from wpipe.planning import calibrate
+from wpipe.schedule import build_schedule, device_of, num_partitions, simulate
 from wpipe.schedule.check import dependency
-from wpipe.schedule import build_schedule, device_of, num_partitions
-from wpipe.schedule import simulate
 
 MESSAGE_BYTES = 4096
 
@@ -84,6 +83,7 @@ def test_calibration_sees_an_engine_overhead():
     assert result["predicted_s"] > result["limit_s"]
 
 
+@pytest.mark.distributed
 def test_command_line(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps(synthetic_trace("wpipe", 2, 12, 0.01, 0.02, 0.004, 0.001)))
     done = subprocess.run([sys.executable, "-m", "wpipe.calibrate", tmp_path], capture_output=True, text=True,

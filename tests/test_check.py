@@ -1,8 +1,8 @@
 """The schedule checker: what it reports for every method, and what it rejects."""
 import pytest
 
-from wpipe.schedule.check import ScheduleError, check_schedule, format_schedule
 from wpipe.schedule import build_schedule, parse_op
+from wpipe.schedule.check import ScheduleError, check_schedule, format_schedule
 
 
 def literal(text: str):

@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from launch import ROOT, run_ok
 from wpipe.train import checkpoint
+
+from launch import ROOT, run_ok
 
 WORKER = ROOT / "tests" / "workers" / "resume_cases.py"
 STARTS = (2, 4)        # mid-epoch 1 and mid-epoch 2 (3 updates per epoch)
@@ -76,16 +77,19 @@ def check_resumed(out, method, depth, dp, *flags):
             assert_equal(a, b, f"{method} {depth}x{dp} resumed after update {start}, rank {r}")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", TWO, ids=lambda layout: "_".join(map(str, layout)))
 def test_resume_is_exact(runs, layout):
     check_resumed(runs, *layout)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layout", FOUR, ids=lambda layout: "_".join(map(str, layout)))
 def test_resume_is_exact_four_ranks(runs4, layout):
     check_resumed(runs4, *layout)
 
 
+@pytest.mark.distributed
 def test_checkpoint_folders_and_manifest(runs):
     root = runs / "wpipe_2x1" / "full" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [checkpoint.folder_name(n) for n in (2, 3, 4, 6)]
@@ -132,6 +136,7 @@ def test_written_last_wins_over_more_periods(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.folder_name(n) for n in (2, 4)]
 
 
+@pytest.mark.distributed
 def test_the_same_run_twice_into_one_output_dir(tmp_path):
     """Running a command again starts afresh over the first run's checkpoints."""
     args = ["--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--epochs", "2", "--max_periods_per_epoch", "3",

@@ -6,11 +6,14 @@ import glob
 import pytest
 import torch
 
+from wpipe import schedule
+from wpipe.runtime import reference
+
 import toy
 from launch import ROOT, run_ok
-from wpipe.runtime import reference
-from wpipe import schedule
 from workers.comm_cases import EVAL_BATCHES, TRAIN_BATCHES
+
+pytestmark = pytest.mark.distributed
 
 WORKER = ROOT / "tests" / "workers" / "comm_cases.py"
 

@@ -9,8 +9,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from cv.data import (CIFAR, DATASETS, CifarDataset, DigitsDataset, FlowersDataset, load_dataset,
-                     micro_batch_labels, micro_batch_loader, read_digits, synthetic_dataset)
+from cv.data import (
+    CIFAR,
+    DATASETS,
+    CifarDataset,
+    DigitsDataset,
+    FlowersDataset,
+    load_dataset,
+    micro_batch_labels,
+    micro_batch_loader,
+    read_digits,
+    synthetic_dataset,
+)
 from cv.fixtures import write_cifar_copy, write_flowers_copy
 
 

@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader
 
 from cv.fixtures import write_cifar_copy
 from cv.main import CvConfig, make_task
-from launch import ROOT, run_ok
 from tool.replay import replay
 from wpipe import load_config
+
+from launch import ROOT, run_ok
 
 MAIN = ROOT / "cv" / "main.py"
 TINY = ROOT / "network_conf" / "cv_tiny.yaml"
@@ -36,6 +37,7 @@ def cifar(tmp_path_factory):
     return root
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("method, depth, dp", [("wpipe", 2, 1), ("pipedream_2bw", 2, 1), ("data_parallel", 1, 2)])
 def test_trains_on_cifar_and_writes_summary(tmp_path, cifar, method, depth, dp):
     out = tmp_path / "out"
@@ -51,6 +53,7 @@ def test_trains_on_cifar_and_writes_summary(tmp_path, cifar, method, depth, dp):
     assert (out / "config.yaml").is_file()
 
 
+@pytest.mark.distributed
 def test_trains_on_digits_and_writes_summary(tmp_path):
     """The real handwritten digits, no data_dir: a short wpipe run learns them."""
     out = tmp_path / "out"
@@ -69,6 +72,7 @@ def test_trains_on_digits_and_writes_summary(tmp_path):
     assert abs(replayed["eval"]["test_top1"] - summary["eval"]["test_top1"]) <= 1 / 128
 
 
+@pytest.mark.distributed
 def test_throughput_on_synthetic_images(tmp_path):
     out = tmp_path / "out"
     run_ok(MAIN, 2, cli({**SMALL, "mode": "throughput", "throughput_periods": "3",

@@ -6,8 +6,7 @@ import torch
 import torchvision
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from cv.model import (build_resnext_partition, check_image_size, num_blocks,
-                      resnext_partition_plan, resnext_spec)
+from cv.model import build_resnext_partition, check_image_size, num_blocks, resnext_partition_plan, resnext_spec
 from wpipe.planning import partition
 
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import toy
 import wpipe
-from launch import ROOT, run_ok, torchrun
 from wpipe.runtime import precision, reference
+
+import toy
+from launch import ROOT, run_ok, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "engine_cases.py"
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
@@ -131,11 +132,13 @@ def four_process_results(tmp_path_factory):
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", TWO_PROCESSES)
 def test_two_processes_match_reference(two_process_results, name):
     assert_matches_reference(two_process_results, name)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", FOUR_PROCESSES)
 def test_four_processes_match_reference(four_process_results, name):
     assert_matches_reference(four_process_results, name)
@@ -151,6 +154,7 @@ def test_cuda_ranks_sharing_a_gpu_match_reference(tmp_path, nproc, cases):
         assert memory["peak_kind"] == "cuda_max_allocated", f"{name} did not run on the GPU"
 
 
+@pytest.mark.distributed
 def test_weight_versions_held(two_process_results):
     """wpipe holds 1.5 copies of its device's weights, 2bw two, the others one."""
     def weights(name, rank):
@@ -164,6 +168,7 @@ def test_weight_versions_held(two_process_results):
         assert weights(case("gpipe", 2, 1), rank) == one_copy
 
 
+@pytest.mark.distributed
 def test_stashed_activations(two_process_results):
     """Peak stash follows the memory model: gpipe m micro-batches per stage, 1F1B N-s, and
     wpipe 2N-s half-size partitions; recomputation keeps less."""
@@ -231,6 +236,7 @@ def test_failing_stage_is_reported_in_process(single_process_group):
 FAILING = ROOT / "tests" / "workers" / "failing_rank.py"
 
 
+@pytest.mark.distributed
 def test_stuck_rank_times_out_with_a_clear_message():
     code, out = torchrun(FAILING, 2, ["hang"], timeout=120)
     assert code != 0
@@ -239,6 +245,7 @@ def test_stuck_rank_times_out_with_a_clear_message():
         re.search(r"rank 0, op \d[FB]\d+: waited for .* from rank 1 and none came within 3 s", out), out[-4000:]
 
 
+@pytest.mark.distributed
 def test_dead_rank_fails_the_launch():
     code, out = torchrun(FAILING, 2, ["exit"], timeout=120)
     assert code != 0, out[-4000:]

@@ -17,14 +17,14 @@ import torch.distributed as dist
 from cv.fixtures import write_cifar_copy
 from cv.main import CvConfig
 from cv.main import make_task as cv_task
-from launch import ROOT, torchrun
 from nlp.fixtures import write_pairs
 from nlp.main import NlpConfig
 from nlp.main import make_task as nlp_task
-from wpipe.train import checkpoint
 from wpipe import load_config
 from wpipe.launch import free_port
-from wpipe.train import cli
+from wpipe.train import checkpoint, cli
+
+from launch import ROOT, torchrun
 
 NLP = ["--num_layers", "4", "--hidden", "16", "--heads", "2", "--ffn", "32", "--vocab_size", "50",
        "--max_seq_length", "12", "--micro_batch_size", "4", "--synthetic_samples", "64",
@@ -224,6 +224,7 @@ def test_probe_refuses_torchrun(tmp_path, capsys, monkeypatch):
     (["--lr", "abc"], "error: overrides: config key 'lr' expects float, got 'abc'"),
     (["--method", "gpipe", "--pipeline_depth", "4"], "error: world size is 2 but pipeline_depth 4 x data_parallel 1 = 4"),
 ])
+@pytest.mark.distributed
 def test_two_ranks_print_the_line_once(tmp_path, argv, message):
     code, out = torchrun(ROOT / "nlp" / "main.py", 2, [*NLP, *argv, "--output_dir", tmp_path / "out"], timeout=120)
     assert code != 0

@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
-from launch import ROOT
 from wpipe.launch import run
+
+from launch import ROOT
+
+pytestmark = pytest.mark.distributed
 
 CUDA_CHECKS = ("cuda_exact", "bert96_share")
 

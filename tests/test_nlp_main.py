@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from launch import ROOT, run_ok
 from nlp.fixtures import write_pairs
 from nlp.main import NlpConfig, make_task
 from wpipe import load_config
 from wpipe.train import main
+
+from launch import ROOT, run_ok
 
 MAIN = ROOT / "nlp" / "main.py"
 TINY = ["--num_layers", "4", "--hidden", "32", "--heads", "2", "--ffn", "64",
@@ -71,6 +72,7 @@ def read_summary(folder):
     return summary
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("method", list(TRAIN_RUNS))
 def test_fine_tuning_writes_the_summary(runs, method):
     summary = read_summary(runs(method))
@@ -88,6 +90,7 @@ def test_fine_tuning_writes_the_summary(runs, method):
     assert held == {"wpipe": [0, 1, 2, 3], "pipedream_2bw": [0, 1], "data_parallel": [0, 0]}[method]
 
 
+@pytest.mark.distributed
 def test_throughput_on_synthetic_data(runs):
     summary = read_summary(runs("throughput"))
     assert (summary["mode"], summary["method"], summary["eval"]) == ("throughput", "wpipe", {})
@@ -95,6 +98,7 @@ def test_throughput_on_synthetic_data(runs):
     assert summary["config"]["num_layers"] == 4 and summary["config"]["data_dir"] is None
 
 
+@pytest.mark.distributed
 def test_partitions_balanced_by_time(tmp_path):
     """balance: time measures the blocks on rank 0 and every rank builds the same cut."""
     out = run_ok(MAIN, 2, ["--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--mode", "throughput",

@@ -8,8 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
-from nlp.model import (bert_block_seconds, bert_config, bert_partition_plan, build_bert_partition,
-                       minilm_checkpoint)
+from nlp.model import bert_block_seconds, bert_config, bert_partition_plan, build_bert_partition, minilm_checkpoint
 
 
 def tiny_config(attn="sdpa", num_layers=4, vocab_size=500):

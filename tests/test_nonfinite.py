@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
-
-from launch import ROOT, run_ok, torchrun
 from test_checkpoint import assert_equal
 from test_preemption import ENTRIES
+
 from wpipe.train import checkpoint
+
+from launch import ROOT, run_ok, torchrun
+
+pytestmark = pytest.mark.distributed
 
 WORKER = ROOT / "tests" / "workers" / "poison.py"
 

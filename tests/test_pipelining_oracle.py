@@ -11,6 +11,8 @@ import torch
 import toy
 from launch import ROOT, run_ok
 
+pytestmark = pytest.mark.distributed
+
 WORKER = ROOT / "tests" / "workers" / "pipelining_oracle.py"
 CASES = [(method, period) for period in (2, 4) for method in ("gpipe", "pipedream_flush")]
 

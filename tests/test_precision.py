@@ -4,10 +4,11 @@ against the oracle under each setting: test_engine.py; runs that learn: test_nlp
 import pytest
 import torch
 
-import toy
 import wpipe
 from wpipe.runtime import precision, reference
 from wpipe.runtime.wire import REDUCED, Wire
+
+import toy
 
 FP16_EPS, BF16_EPS = 2.0 ** -11, 2.0 ** -8      # unit round-off of each format
 

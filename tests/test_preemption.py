@@ -6,10 +6,13 @@ for bit (nlp/main.py and cv/main.py)."""
 import json
 
 import pytest
+from test_checkpoint import assert_equal, final_state
+
+from wpipe.train import checkpoint
 
 from launch import ROOT, run_ok, torchrun
-from test_checkpoint import assert_equal, final_state
-from wpipe.train import checkpoint
+
+pytestmark = pytest.mark.distributed
 
 WORKER = ROOT / "tests" / "workers" / "interrupt.py"
 COMMON = ["--micro_batch_size", "4", "--synthetic_samples", "64", "--max_eval_batches", "2",

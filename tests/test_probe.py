@@ -15,13 +15,14 @@ import torch
 
 from cv.main import CvConfig
 from cv.main import make_task as cv_task
-from launch import ROOT, run_ok
 from nlp.main import NlpConfig
 from nlp.main import make_task as nlp_task
 from wpipe.runtime.loopback import Loopback, Spec
-from wpipe.train.probe import op_times
-from wpipe.train import main
 from wpipe.schedule import Topology
+from wpipe.train import main
+from wpipe.train.probe import op_times
+
+from launch import ROOT, run_ok
 
 WORKER = ROOT / "tests" / "workers" / "memory_runs.py"
 ENTRIES = {"nlp": (NlpConfig, nlp_task), "cv": (CvConfig, cv_task)}
@@ -74,6 +75,7 @@ def probe(name, tmp_path, *extra):
     return report
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", [*TWO, *FOUR])
 def test_probe_memory_equals_the_real_run(real_runs, name, tmp_path):
     summary = real_runs(name)
@@ -147,9 +149,9 @@ def test_cost_model_predicts_the_probe(tmp_path, recompute):
     """The planner's chain: the cost model's per-device bytes (wpipe.planning.costmodel, from blocks
     measured alone) equal a probe's at 4 devices, and the probe as a profile gives FLOP rates."""
     from nlp.main import model_blocks
-    from wpipe.planning import costmodel, plan
     from wpipe import schedule
     from wpipe.config import load_config
+    from wpipe.planning import costmodel, plan
 
     report = probe("wpipe_4x1", tmp_path, "--recompute", recompute)
     cfg = load_config(NlpConfig, ROOT / "network_conf" / "nlp_tiny.yaml", {"num_layers": "8"})

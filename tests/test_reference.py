@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import toy
 from wpipe.runtime import reference
+
+import toy
 
 WIDTH, OUT, TOL = 4, 2, 1e-12
 

@@ -228,6 +228,7 @@ def run_wpipe(*argv: str) -> tuple[str, set[str]]:
     return done.stdout, imported
 
 
+@pytest.mark.distributed
 def test_python_m_wpipe_prints_the_grid_without_torch():
     out, imported = run_wpipe("--method", "wpipe", "--depth", "2", "--micro-batches", "6")
     assert out.startswith("wpipe: depth 2, 6 micro-batches, 2 per update, 4 partitions;")
@@ -236,6 +237,7 @@ def test_python_m_wpipe_prints_the_grid_without_torch():
     assert not {name for name in imported if name.split(".")[0] == "torch"}
 
 
+@pytest.mark.distributed
 def test_python_m_wpipe_help_does_not_import_torch():
     out, imported = run_wpipe("--help")
     assert out.startswith("usage: python -m wpipe ")

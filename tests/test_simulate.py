@@ -4,9 +4,8 @@ from fractions import Fraction
 
 import pytest
 
+from wpipe.schedule import build_schedule, device_of, num_partitions, simulate
 from wpipe.schedule.check import ScheduleError, dependency
-from wpipe.schedule import build_schedule, device_of, num_partitions
-from wpipe.schedule import simulate
 
 COSTS = [(1, 1), (1, 2), (7, 3)]    # (tf, tb) per partition op; integers keep it exact and fast
 

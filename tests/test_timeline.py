@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMELINE = ROOT / "tool" / "timeline.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

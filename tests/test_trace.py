@@ -13,10 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from launch import ROOT, run_ok
 from wpipe import schedule
 from wpipe.schedule import Topology
 from wpipe.trace import Recorder, timeline_summary
+
+from launch import ROOT, run_ok
 
 MAIN = ROOT / "nlp" / "main.py"
 RUN = ["--config", ROOT / "network_conf" / "nlp_tiny.yaml", "--epochs", "2", "--max_periods_per_epoch", "3",
@@ -38,6 +39,7 @@ def ops_of(events, rank):
     return [[e for e in mine if e["cat"] != "call" and c["ts"] <= e["ts"] <= c["ts"] + c["dur"]] for c in calls], calls
 
 
+@pytest.mark.distributed
 def test_trace_holds_each_ranks_schedule_once(traced):
     method, out = traced
     document = json.loads((out / "trace.json").read_text())
@@ -63,6 +65,7 @@ def test_trace_holds_each_ranks_schedule_once(traced):
             assert any(e["name"].startswith("wait recv") for e in inside)
 
 
+@pytest.mark.distributed
 def test_summary_timeline_and_tools(traced, tmp_path):
     method, out = traced
     summary = json.loads((out / "summary.json").read_text())
@@ -87,6 +90,7 @@ def test_summary_timeline_and_tools(traced, tmp_path):
     assert calibration["periods_timed"] == 2 * 3 - 1
 
 
+@pytest.mark.distributed
 def test_untraced_run_writes_no_trace(tmp_path):
     run_ok(MAIN, 2, [*RUN, "--epochs", "1", "--output_dir", tmp_path], timeout=300)
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -4,6 +4,8 @@ import math
 import statistics
 import sys
 
+import pytest
+
 from launch import ROOT
 
 sys.path.insert(0, str(ROOT / "tool"))
@@ -40,6 +42,7 @@ def test_section_says_which_medians_are_within_ten_percent():
     assert "exact in every run" in text
 
 
+@pytest.mark.distributed
 def test_message_cost_is_measured_by_two_processes(tmp_path):
     cost = validate_model.measure_message_cost(tmp_path, rounds=1)
     per_rank = json.loads((tmp_path / "message_cost.json").read_text())

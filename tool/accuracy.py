@@ -251,7 +251,8 @@ def delay_section(runs: list[Run]) -> list[str]:
         for run in replayed:
             plain = run.replays.get("pipedream_2bw_momentum0.0")
             if plain:
-                lines.append(f"Without momentum, 2BW's rule at lr {run.lr} reaches {_fmt(plain['eval'].get('test_top1'))} "
+                top1 = _fmt(plain['eval'].get('test_top1'))
+                lines.append(f"Without momentum, 2BW's rule at lr {run.lr} reaches {top1} "
                              f"against {_fmt(run.final('test_top1'))} with momentum 0.9: at β = 0 the stale "
                              "bound is 10x larger (1 against 0.1), as the table above says.")
         lines.append("")

@@ -66,15 +66,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B)
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 import wpipe
-from wpipe.planning import partition
-from wpipe.runtime import precision
 from wpipe import schedule, trace
 from wpipe.launch import run, torchrun_command
+from wpipe.planning import partition
+from wpipe.runtime import precision
 
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
 PEER_SCHEDULES = {"gpipe": (ScheduleGPipe, 1), "1f1b": (Schedule1F1B, 1),

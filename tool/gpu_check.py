@@ -114,7 +114,8 @@ def nlp_run(check: Check, name: str, nproc: int, args: list[str], estimate: str)
     code, out = check.command(torchrun_command(ROOT / "nlp" / "main.py", nproc, [*args, "--output_dir", out_dir]),
                               ESTIMATES[estimate])
     if code != 0:
-        check.record(name, "failed", started, reason=f"exit {code}: {out.strip().splitlines()[-1] if out.strip() else ''}")
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        check.record(name, "failed", started, reason=f"exit {code}: {last}")
         return None
     return json.loads((out_dir / "summary.json").read_text())
 

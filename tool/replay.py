@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wpipe.runtime import reference  # noqa: E402
 from wpipe import schedule  # noqa: E402
 from wpipe.config import load_config  # noqa: E402
+from wpipe.runtime import reference  # noqa: E402
 from wpipe.train import parse_cli, periods_per_epoch  # noqa: E402
 
 
@@ -105,7 +105,8 @@ def evaluate(task, partitions, max_batches: int | None = None) -> dict:
                 outputs.append(x[0].float())
                 labels.append(target)
             prefix = f"{name}_" if name else ""
-            metrics.update({prefix + k: v for k, v in task.metrics(name, torch.cat(outputs), torch.cat(labels)).items()})
+            found = task.metrics(name, torch.cat(outputs), torch.cat(labels))
+            metrics.update({prefix + k: v for k, v in found.items()})
     return metrics
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wpipe import schedule
 from wpipe.planning import partition
 from wpipe.runtime import precision, reference
-from wpipe import schedule
 
 
 def partitions(args, method: str) -> list[nn.Module]:
@@ -106,7 +106,8 @@ def main() -> None:
     print("\n".join(lines))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "wire_error.json").write_text(json.dumps({"args": vars(args), "results": results, "report": lines}, indent=1))
+    report = {"args": vars(args), "results": results, "report": lines}
+    (out / "wire_error.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'wire_error.json'}")
 
 

@@ -160,7 +160,8 @@ def _typed(cls, raw: dict, source: str, from_text: bool) -> dict:
 
 
 def _convert(value, hint, from_text: bool):
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
     if value is None or (from_text and isinstance(value, str) and value.lower() in ("none", "null")):
         if type(None) in options:
             return None

@@ -10,7 +10,8 @@ recorder costs one attribute test per op.
 `write_trace` stores the events of every rank in Chrome trace-event format (loadable in
 Perfetto or chrome://tracing): `{"traceEvents": [...], "otherData": {...}}`, `ph: "X"`
 events, `pid` = global rank, `ts` and `dur` in microseconds from a common origin
-(`common_origin`: exact when the ranks share a host, within a barrier's skew otherwise). `otherData` holds the configuration fields that fix the schedule.
+(`common_origin`: exact when the ranks share a host, within a barrier's skew otherwise).
+`otherData` holds the configuration fields that fix the schedule.
 """
 from __future__ import annotations
 

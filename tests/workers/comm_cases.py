@@ -12,8 +12,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toy  # noqa: E402
 import wpipe  # noqa: E402
+
+import toy  # noqa: E402
 
 TRAIN_BATCHES = (3, 2)       # micro-batch size of the first and the second train() call
 EVAL_BATCHES = (4, 4, 3, 4, 1, 1, 5)

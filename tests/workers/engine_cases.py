@@ -13,8 +13,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toy  # noqa: E402
 import wpipe  # noqa: E402
+
+import toy  # noqa: E402
 
 
 def run_case(out_dir: str, case: str) -> None:

@@ -7,8 +7,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toy  # noqa: E402
 import wpipe  # noqa: E402
+
+import toy  # noqa: E402
 
 
 class Stops(torch.nn.Module):

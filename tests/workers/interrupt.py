@@ -19,9 +19,11 @@ from wpipe.train import cli, loop  # noqa: E402
 def main():
     entry, what, rank, periods, marker, *argv = sys.argv[1:]
     if entry == "nlp":
-        from nlp.main import NlpConfig as config_class, make_task
+        from nlp.main import NlpConfig as config_class
+        from nlp.main import make_task
     else:
-        from cv.main import CvConfig as config_class, make_task
+        from cv.main import CvConfig as config_class
+        from cv.main import make_task
     marker, done = Path(marker), [0]
     meter_call = loop._Meter.__call__
 

@@ -12,9 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch.distributed  # noqa: E402
+
 import wpipe  # noqa: E402
-from cv.main import CvConfig, make_task as cv_task  # noqa: E402
-from nlp.main import NlpConfig, make_task as nlp_task  # noqa: E402
+from cv.main import CvConfig  # noqa: E402
+from cv.main import make_task as cv_task  # noqa: E402
+from nlp.main import NlpConfig  # noqa: E402
+from nlp.main import make_task as nlp_task  # noqa: E402
 from wpipe.train import main  # noqa: E402
 
 ENTRIES = {"cv": (CvConfig, cv_task, "cv_tiny.yaml"), "nlp": (NlpConfig, nlp_task, "nlp_tiny.yaml")}

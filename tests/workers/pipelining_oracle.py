@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toy  # noqa: E402
 import wpipe  # noqa: E402
+
+import toy  # noqa: E402
 
 PERIODS = 3
 STAGES = 2

@@ -78,8 +78,9 @@ def connect(cfg, topology: Topology, trace: Recorder) -> Links:
     mean = None
     if groups.data_parallel is not None:
         # gloo carries CUDA tensors only through CPU buffers: the flat copy is made there.
-        mean = GradientMean(groups.data_parallel, [topology.rank_of(r, device_index) for r in range(topology.data_parallel)],
-                            torch.device("cpu") if backend == "gloo" else device, rank, cfg.timeout_s)
+        replicas = [topology.rank_of(r, device_index) for r in range(topology.data_parallel)]
+        mean = GradientMean(groups.data_parallel, replicas, torch.device("cpu") if backend == "gloo" else device,
+                            rank, cfg.timeout_s)
     links = Links(Place(rank, replica, device_index, device), groups.streams, cfg.timeout_s, trace,
                   Wire(cfg.wire_dtype), stage=p2p_backend == "gloo" and device.type == "cuda",
                   p2p_backend=p2p_backend, mean=mean)

@@ -8,8 +8,8 @@ meta device: exact shapes for any model size, no memory and no compute.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -13,8 +13,8 @@ model's blocks) and tool/bench.py, so that predictions and runs count the same t
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 

@@ -22,7 +22,7 @@ when any of its gradients overflowed in that period.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

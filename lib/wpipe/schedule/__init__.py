@@ -8,8 +8,20 @@ No torch is imported here or below.
     messages    the messages a schedule implies, in the order each stream carries them
 """
 from .check import ScheduleError, check_schedule, format_schedule, last_uses
-from .methods import (KINDS, METHODS, Method, Op, build_schedule, default_period, device_of, get_method,
-                      num_partitions, parse_op, validate, weights_version)
+from .methods import (
+                      KINDS,
+                      METHODS,
+                      Method,
+                      Op,
+                      build_schedule,
+                      default_period,
+                      device_of,
+                      get_method,
+                      num_partitions,
+                      parse_op,
+                      validate,
+                      weights_version,
+)
 from .simulate import simulate
 from .topology import Topology
 

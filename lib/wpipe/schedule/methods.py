@@ -21,8 +21,8 @@ schedule, checked and simulated.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 KINDS = ("F", "B", "U")
 

@@ -21,7 +21,8 @@ from fractions import Fraction
 from numbers import Rational
 
 from .check import Report, check_schedule, dependency
-from .methods import Op, device_of, num_partitions as count_partitions
+from .methods import Op, device_of
+from .methods import num_partitions as count_partitions
 
 Time = int | Fraction | float
 

@@ -2,9 +2,9 @@
 plus what the run loop needs. Entry points extend it with their model's and data's fields."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..config import PipelineConfig
 from . import nonfinite

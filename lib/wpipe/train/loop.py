@@ -24,9 +24,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from ..config import load_config
 from ..runtime.distributed import init_distributed
 from ..runtime.engine import Pipeline
 from . import checkpoint, nonfinite, probe
-from .preemption import Preempted, Signals
 from .config import parse_cli
+from .preemption import Preempted, Signals
 from .summary import summarize, write_config, write_summary
 
 log = logging.getLogger("wpipe")

@@ -37,8 +37,8 @@ import logging
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -98,7 +98,8 @@ def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, fl
         else:
             t = op.micro_batch // period
         if t >= warmup_periods:
-            seconds[op.partition]["recompute_s" if name.startswith("recompute ") else TIMES[op.kind]].append(end - start)
+            kind = "recompute_s" if name.startswith("recompute ") else TIMES[op.kind]
+            seconds[op.partition][kind].append(end - start)
     return {p: {key: statistics.median(times[key]) if times[key] else 0.0
                 for key in ("forward_s", "backward_s", "recompute_s", "update_s")}
             for p, times in seconds.items()}

@@ -37,6 +37,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from wpipe.train.shard import replica_share
+
 DATASETS = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "digits": 10}
 """Dataset name -> number of classes."""
 
@@ -355,23 +357,12 @@ class _SeededSamples(Dataset):
 
 def _shard(num_samples, micro_batch_size, replica, num_replicas, seed, epoch, shuffle,
            drop_last) -> list[int]:
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
-    if not 0 <= replica < num_replicas:
-        raise ValueError(f"replica {replica} is out of range for {num_replicas} replicas")
     if shuffle:
         order = torch.randperm(num_samples,
                                generator=torch.Generator().manual_seed(_derive_seed(seed, epoch)))
     else:
         order = torch.arange(num_samples)
-    used = num_samples
-    if drop_last:
-        used = num_samples // (num_replicas * micro_batch_size) * num_replicas * micro_batch_size
-        if used == 0:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one micro-batch of {micro_batch_size} on "
-                f"each of {num_replicas} replicas: lower micro_batch_size or use more data")
-    return order[:used][replica::num_replicas].tolist()
+    return replica_share(order, micro_batch_size, replica, num_replicas, drop_last).tolist()
 
 
 def _derive_seed(*values: int) -> int:

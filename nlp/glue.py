@@ -19,8 +19,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +26,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from wpipe.files import write_atomic
+from wpipe.train.shard import replica_share
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +148,11 @@ def _tokenize(tokenizer, texts_a, texts_b, max_len):
 
 
 def _save_atomic(obj, path: Path) -> None:
-    """Write via a temporary file and os.replace, so readers never see a partial cache."""
+    """Cache `obj` at `path` (files.write_atomic: readers never see a partial cache)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_atomic(path, lambda f: torch.save(obj, f))
     except OSError as err:  # e.g. a read-only data folder: run on without a cache
         log.warning("cannot cache tokenized data in %s (%s)", path.parent, err)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def synthetic_glue(num_samples: int, seq_len: int, vocab_size: int, num_labels: int,
@@ -205,26 +198,14 @@ def micro_batches(dataset: TensorDataset, micro_batch_size: int, replica: int, n
     """This replica's micro-batches for one epoch.
 
     The order is a permutation drawn from (seed, epoch), the same on every rank; replicas take
-    disjoint shards of it. With ``drop_last`` every replica gets the same number of full
-    micro-batches (what data parallelism needs; the tail is dropped). Without it every
-    sample is used once over all replicas (for evaluation): replica r takes samples r, r + R,
-    ... of the order and its last micro-batch may be short.
+    disjoint shards of it (`wpipe.train.shard.replica_share`: dealt in turn). With
+    ``drop_last`` every replica gets the same number of full micro-batches (what data
+    parallelism needs; the tail is dropped). Without it every sample is used once over all
+    replicas (for evaluation) and a replica's last micro-batch may be short.
     """
-    if not 0 <= replica < num_replicas:
-        raise ValueError(f"replica={replica} is outside range(num_replicas={num_replicas})")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
     n = len(dataset)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    if drop_last:
-        per_replica = n // (num_replicas * micro_batch_size) * micro_batch_size
-        if per_replica == 0:
-            raise ValueError(
-                f"{n} samples give no full micro-batch of {micro_batch_size} for each of "
-                f"{num_replicas} replicas: use a smaller micro_batch_size or drop_last=False")
-        shard = order[replica * per_replica:(replica + 1) * per_replica]
-    else:
-        shard = order[replica::num_replicas]
+    shard = replica_share(order, micro_batch_size, replica, num_replicas, drop_last)
     batches = [shard[i:i + micro_batch_size] for i in range(0, len(shard), micro_batch_size)]
     return MicroBatches(dataset.tensors, batches)
 

@@ -23,7 +23,7 @@ import toy
 from launch import ROOT, run_ok, torchrun
 
 WORKER = ROOT / "tests" / "workers" / "engine_cases.py"
-METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
+METHODS = list(wpipe.schedule.PIPELINES)
 FP16_OVERFLOWS = ("fp16", "scale18", "grow1")   # 2^18 overflows fp16 gradients for a few periods
 # Under autocast the engine runs the same kernels on the same float32/fp16/bf16 values as
 # the reference, in the same order, on one thread: the results agree bit for bit in

@@ -18,7 +18,7 @@ from cv.main import make_task as cv_task
 from nlp.main import NlpConfig
 from nlp.main import make_task as nlp_task
 from wpipe.runtime.loopback import Loopback, Spec
-from wpipe.schedule import Topology
+from wpipe.schedule import PIPELINES, Topology
 from wpipe.train import main
 from wpipe.train.probe import op_times
 
@@ -26,7 +26,7 @@ from launch import ROOT, run_ok
 
 WORKER = ROOT / "tests" / "workers" / "memory_runs.py"
 ENTRIES = {"nlp": (NlpConfig, nlp_task), "cv": (CvConfig, cv_task)}
-METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
+METHODS = list(PIPELINES)
 MEMORY = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 OP_KEYS = {"partition", "forward_s", "backward_s", "recompute_s", "update_s", "forward_recv_bytes",
            "forward_send_bytes", "backward_recv_bytes", "backward_send_bytes"}

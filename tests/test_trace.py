@@ -15,7 +15,7 @@ import pytest
 
 from wpipe import schedule
 from wpipe.schedule import Topology
-from wpipe.trace import Recorder, timeline_summary
+from wpipe.trace import Recorder, parse_span, span_name, timeline_summary
 
 from launch import ROOT, run_ok
 
@@ -118,3 +118,19 @@ def test_recorder_events():
     (row,) = timeline_summary([call, wait, compute])
     assert row["busy_s"] == pytest.approx(compute["dur"] / 1e6)
     assert row["wait_s"] == pytest.approx(wait["dur"] / 1e6)
+
+
+@pytest.mark.parametrize("name, prefix, op", [
+    ("2F3", "", schedule.Op("F", 2, 3)), ("recompute 1B0", "recompute", schedule.Op("B", 1, 0)),
+    ("reduce 2U", "reduce", schedule.Op("U", 2)), ("wait recv 1F3", "wait recv", schedule.Op("F", 1, 3)),
+    ("wait allreduce 0U", "wait allreduce", schedule.Op("U", 0)), ("wait sends", "wait sends", None),
+    ("train", "train", None)])
+def test_span_names_are_written_and_read_one_way(name, prefix, op):
+    assert parse_span(name) == (prefix, op)
+    if op is not None:
+        assert (span_name(prefix, op) if prefix else str(op)) == name
+
+
+def test_unknown_span_name_is_refused():
+    with pytest.raises(ValueError, match="unknown trace event name 'resend 1F0'"):
+        parse_span("resend 1F0")

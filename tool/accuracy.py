@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("wpipe", "pipedream_2bw", "pipedream_flush", "gpipe", "data_parallel")
+from wpipe import schedule
+
+METHODS = tuple(schedule.METHODS)
 SUITES = {  # suite -> (metric key in summary eval, metric name, what was trained)
     "digits": ("test_top1", "test top-1",
                "resnext_tiny from random initialisation on scikit-learn's handwritten digits (1438 "

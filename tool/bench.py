@@ -57,7 +57,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -73,7 +72,7 @@ import wpipe
 from wpipe import schedule, trace
 from wpipe.launch import run, torchrun_command
 from wpipe.planning import partition
-from wpipe.runtime import precision
+from wpipe.runtime import memory, precision
 
 METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
 PEER_SCHEDULES = {"gpipe": (ScheduleGPipe, 1), "1f1b": (Schedule1F1B, 1),
@@ -137,16 +136,7 @@ def peer_steps(args, m: int) -> tuple[int, int]:
 
 
 def weights_bytes(modules) -> int:
-    return sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
-
-
-def optimizer_state_bytes(optimizers) -> int:
-    return sum(t.numel() * t.element_size() for optimizer in optimizers for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t))
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return memory.nbytes(p for module in modules for p in module.parameters())
 
 
 # ------------------------------------------------------------------ workers
@@ -210,10 +200,10 @@ def peer_worker(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         ends.append(clock())
     samples_per_s, time_shares = measure(ends, warmup, m * args.micro_batch)
-    memory = {"rank": rank, "partitions": indices, "weights_bytes": weights_bytes(modules),
-              "activations_bytes": None, "optimizer_state_bytes": optimizer_state_bytes(optimizers),
-              "peak_bytes": peak_rss_bytes()}
-    result = {"memory": memory, "time_shares": time_shares}
+    report = {"rank": rank, "partitions": indices, "weights_bytes": weights_bytes(modules),
+              "activations_bytes": None, "optimizer_state_bytes": memory.optimizer_state_bytes(optimizers),
+              "peak_bytes": memory.process_peak(torch.device("cpu"))[0]}
+    result = {"memory": report, "time_shares": time_shares}
     if num_stages - 1 in indices:
         result["samples_per_s"] = samples_per_s
     dist.destroy_process_group()
@@ -227,20 +217,13 @@ def single_worker(args) -> dict:
     model = build_blocks(args, range(args.layers))
     optimizer = make_optimizer(list(model.parameters()))
     data = micro_batches(args, (args.warmup + args.periods) * args.depth)
-    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved, peak_saved = {}, 0
-
-    def pack(t):  # the bytes autograd saves, by storage, weights excluded (as the engine counts)
-        if t.untyped_storage().data_ptr() not in weight_ptrs:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     ends = []
     autocast = precision.Policy(args.precision).autocast
     for start in range(0, len(data), args.depth):
         for x, target in data[start:start + args.depth]:
             saved.clear()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with memory.count_saved(saved, model.parameters()):   # as the engine counts
                 with autocast():   # fp16 here without a loss scale: a timing, not a training run
                     out = x
                     for block in model:
@@ -252,11 +235,11 @@ def single_worker(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ends.append(clock())
-    memory = {"rank": 0, "partitions": [0], "weights_bytes": weights_bytes([model]),
-              "activations_bytes": peak_saved, "optimizer_state_bytes": optimizer_state_bytes([optimizer]),
-              "peak_bytes": peak_rss_bytes()}
+    report = {"rank": 0, "partitions": [0], "weights_bytes": weights_bytes([model]),
+              "activations_bytes": peak_saved, "optimizer_state_bytes": memory.optimizer_state_bytes([optimizer]),
+              "peak_bytes": memory.process_peak(torch.device("cpu"))[0]}
     samples_per_s, time_shares = measure(ends, args.warmup, args.depth * args.micro_batch)
-    return {"memory": memory, "samples_per_s": samples_per_s, "time_shares": time_shares}
+    return {"memory": report, "samples_per_s": samples_per_s, "time_shares": time_shares}
 
 
 # ------------------------------------------------------------------ launcher

@@ -30,14 +30,13 @@ import json
 import math
 from pathlib import Path
 
-from wpipe.schedule import parse_op
-from wpipe.trace import timeline_summary
+from wpipe.trace import CALL, COMPUTE, RECOMPUTE, REDUCE, WAIT, parse_span, timeline_summary
 
 MAX_OPS_SHOWN = 100
 COLOURS = {"F": ("#9ecae1", "#2171b5"), "B": ("#fdae6b", "#d94801"),    # (G0, G1) shades
-           "recompute": ("#e7a9d6", "#ae017e"), "U": ("#a1d99b", "#238b45"), "reduce": ("#a1d99b", "#238b45")}
-LABELS = {"F": "forward", "B": "backward", "recompute": "recompute (before its backward)",
-          "U": "update", "reduce": "reduce (all-reduce launch)"}
+           RECOMPUTE: ("#e7a9d6", "#ae017e"), "U": ("#a1d99b", "#238b45"), REDUCE: ("#a1d99b", "#238b45")}
+LABELS = {"F": "forward", "B": "backward", RECOMPUTE: "recompute (before its backward)",
+          "U": "update", REDUCE: "reduce (all-reduce launch)"}
 WAIT_COLOUR, HATCH_COLOUR, FONT_PT, DPI = "#e0e0e0", "0.55", 7, 150
 
 
@@ -53,10 +52,10 @@ def load(path) -> tuple[list[dict], dict]:
         events = [e for e in document["traceEvents"] if e["ph"] in ("M", "X")]
         spans = [e for e in events if e["ph"] == "X"]
         for e in spans:   # reads every field the tool uses, so that a malformed event fails here
-            e["pid"], end(e), e["cat"] == "compute" and colour_key(e)
+            e["pid"], end(e), e["cat"] == COMPUTE and colour_key(e)
     except (TypeError, KeyError, ValueError) as error:     # ValueError: bad JSON or op name
         raise ValueError(f"{file}: not a wpipe trace ({type(error).__name__}: {error})") from None
-    if all(e["cat"] == "call" for e in spans):
+    if all(e["cat"] == CALL for e in spans):
         raise ValueError(f"{file}: no compute or wait events (was the run traced?)")
     return events, document.get("otherData", {})
 
@@ -66,14 +65,13 @@ def end(event: dict) -> float:
 
 
 def colour_key(event: dict) -> tuple[str, int]:
-    """(COLOURS key, partition) of a compute event: its op's kind, or its prefix if known."""
-    prefix, _, token = event["name"].rpartition(" ")
-    op = parse_op(token)
-    return (prefix if prefix in COLOURS else op.kind), op.partition
+    """(COLOURS key, partition) of a compute event: its op's kind, or its prefix."""
+    prefix, op = parse_span(event["name"])
+    return (prefix or op.kind), op.partition
 
 
 def is_op(event: dict) -> bool:
-    return event["cat"] == "compute" and " " not in event["name"]
+    return event["cat"] == COMPUTE and parse_span(event["name"])[0] == ""
 
 
 def rank_names(events: list[dict]) -> dict[int, str]:
@@ -89,7 +87,7 @@ def summarize(events: list[dict]) -> list[dict]:
     rows = []
     for row in timeline_summary(events):
         rank = row["rank"]
-        calls = [(e["ts"], end(e)) for e in events if e["ph"] == "X" and e["pid"] == rank and e["cat"] == "call"]
+        calls = [(e["ts"], end(e)) for e in events if e["ph"] == "X" and e["pid"] == rank and e["cat"] == CALL]
         ops = sum(1 for e in events if e["ph"] == "X" and e["pid"] == rank and is_op(e)
                   and (not calls or any(a <= e["ts"] <= b for a, b in calls)))
         rows.append({"rank": rank, "name": names[rank], "busy_ms": row["busy_s"] * 1e3,
@@ -100,7 +98,7 @@ def summarize(events: list[dict]) -> list[dict]:
 
 def default_view(events: list[dict]) -> tuple[float, float]:
     """(from, to) in ms: see the module docstring."""
-    spans = sorted((e for e in events if e["ph"] == "X" and e["cat"] != "call"), key=lambda e: e["ts"])
+    spans = sorted((e for e in events if e["ph"] == "X" and e["cat"] != CALL), key=lambda e: e["ts"])
     ops_by_rank: dict[int, list[dict]] = {}
     for e in filter(is_op, spans):
         ops_by_rank.setdefault(e["pid"], []).append(e)
@@ -108,7 +106,7 @@ def default_view(events: list[dict]) -> tuple[float, float]:
     start = spans[0]["ts"]
     if len(busiest) > MAX_OPS_SHOWN:
         last = busiest[-MAX_OPS_SHOWN:]
-        start = next((end(e) for e in last if parse_op(e["name"]).kind == "U"), last[0]["ts"])
+        start = next((end(e) for e in last if parse_span(e["name"])[1].kind == "U"), last[0]["ts"])
     return start / 1e3, max(map(end, spans)) / 1e3
 
 
@@ -129,13 +127,13 @@ def draw(events: list[dict], other: dict, rows: list[dict], view: tuple[float, f
         if e["ph"] != "X" or e["ts"] / 1e3 >= x1 or end(e) / 1e3 <= x0:
             continue
         y, start, width = lane[e["pid"]], e["ts"] / 1e3, e["dur"] / 1e3
-        if e["cat"] == "compute":
+        if e["cat"] == COMPUTE:
             key, partition = colour_key(e)
             group = min(partition // depth, 1)
             used.add((key, group))
             bars.append((y, start, width, 0.8, COLOURS[key][group], "..." if key == "reduce" else None))
             labels.append((y, start, width, e["name"].rpartition(" ")[2], "white" if group else "black", True))
-        elif e["cat"] == "wait":
+        elif e["cat"] == WAIT:
             bars.append((y, start, width, 0.45, WAIT_COLOUR, "////"))
             labels.append((y, start, width, e["name"].removeprefix("wait "), "0.25", False))
         else:
@@ -191,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     if view[0] >= view[1]:
         parser.exit(2, f"{parser.prog}: error: nothing to draw from {view[0]} ms to {view[1]} ms\n")
 
-    calls = max(1, sum(1 for e in events if e["ph"] == "X" and e["cat"] == "call" and e["pid"] == rows[0]["rank"]))
+    calls = max(1, sum(1 for e in events if e["ph"] == "X" and e["cat"] == CALL and e["pid"] == rows[0]["rank"]))
     print(f"{other.get('method', '?')}, depth {other.get('pipeline_depth', '?')} x data_parallel "
           f"{other.get('data_parallel', '?')}: {calls} train() call(s), window {rows[0]['window_ms']:.3f} ms")
     print("rank   busy ms   wait ms  bubble   ops  name")

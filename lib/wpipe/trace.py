@@ -2,10 +2,11 @@
 
 With `PipelineConfig.trace` on, the engine records one event per op's compute (named
 exactly `str(op)`: `2F3`, `1B0`, `2U`), the recomputation part of a backward as
-`recompute 1B0`, and every blocking wait as its own event whose name starts with `wait`
-(`wait recv 1F3` = the output of op 1F3 from another rank, `wait allreduce 2U`, `wait
-sends`). Each train() call is one enclosing `train` event (category "call"). Off, the
-recorder costs one attribute test per op.
+`recompute 1B0`, the launch of an update's all-reduce as `reduce 2U`, and every blocking
+wait as its own event whose name starts with `wait` (`wait recv 1F3` = the output of op
+1F3 from another rank, `wait allreduce 2U`, `wait sends`). Each train() call is one
+enclosing `train` event (category "call"). Off, the recorder costs one attribute test per
+op. The names are written with `span_name` and read back with `parse_span` only.
 
 `write_trace` stores the events of every rank in Chrome trace-event format (loadable in
 Perfetto or chrome://tracing): `{"traceEvents": [...], "otherData": {...}}`, `ph: "X"`
@@ -21,6 +22,29 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .files import write_atomic
+from .schedule.methods import Op, parse_op
+
+CALL, COMPUTE, WAIT = "call", "compute", "wait"          # event categories
+TRAIN = "train"                                         # the CALL event of a train() call
+RECOMPUTE, REDUCE = "recompute", "reduce"               # COMPUTE prefixes
+WAIT_RECV, WAIT_ALLREDUCE, WAIT_SENDS = "wait recv", "wait allreduce", "wait sends"   # WAIT names
+PREFIXES = (RECOMPUTE, REDUCE, WAIT_RECV, WAIT_ALLREDUCE)
+
+
+def span_name(prefix: str, op) -> str:
+    """The name of an event about op `op` (an Op or its spelling): `recompute 2B3`."""
+    return f"{prefix} {op}"
+
+
+def parse_span(name: str) -> tuple[str, Op | None]:
+    """(prefix, op) of an event name: ("", 2F3) for an op's own compute, ("recompute",
+    2B3), ("wait recv", 1F3), ("wait sends", None), ("train", None). ValueError otherwise."""
+    if name in (WAIT_SENDS, TRAIN):
+        return name, None
+    prefix, _, token = name.rpartition(" ")
+    if prefix and prefix not in PREFIXES:
+        raise ValueError(f"unknown trace event name {name!r}")
+    return prefix, parse_op(token)
 
 
 class Recorder:
@@ -126,14 +150,14 @@ def timeline_summary(events: list[dict]) -> list[dict]:
     ValueError when the ranks traced different numbers of calls."""
     spans = [e for e in events if e.get("ph") == "X"]
     ranks = sorted({e["pid"] for e in spans})
-    calls = {r: sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e["pid"] == r and e["cat"] == "call")
+    calls = {r: sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e["pid"] == r and e["cat"] == CALL)
              or [(float("-inf"), float("inf"))] for r in ranks}
     if len({len(c) for c in calls.values()}) > 1:
         raise ValueError(f"ranks traced different numbers of train() calls: { {r: len(c) for r, c in calls.items()} }")
     inside = {r: [[] for _ in calls[r]] for r in ranks}     # per rank, per call: its events
     for e in spans:
         k = next((k for k, (a, b) in enumerate(calls[e["pid"]]) if a <= e["ts"] <= b), None)
-        if e["cat"] != "call" and k is not None:
+        if e["cat"] != CALL and k is not None:
             inside[e["pid"]][k].append(e)
     window = 0.0
     for k in range(len(calls[ranks[0]]) if ranks else 0):
@@ -143,7 +167,7 @@ def timeline_summary(events: list[dict]) -> list[dict]:
     out = []
     for rank in ranks:
         mine = [e for call in inside[rank] for e in call]
-        busy = sum(e["dur"] for e in mine if e["cat"] == "compute") / 1e6
-        out.append({"rank": rank, "busy_s": busy, "wait_s": sum(e["dur"] for e in mine if e["cat"] == "wait") / 1e6,
+        busy = sum(e["dur"] for e in mine if e["cat"] == COMPUTE) / 1e6
+        out.append({"rank": rank, "busy_s": busy, "wait_s": sum(e["dur"] for e in mine if e["cat"] == WAIT) / 1e6,
                     "window_s": window, "bubble_fraction": 1 - busy / window if window else None})
     return out

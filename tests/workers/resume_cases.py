@@ -13,10 +13,7 @@ import torch  # noqa: E402
 
 import wpipe  # noqa: E402
 from nlp.main import NlpConfig, make_task  # noqa: E402
-from wpipe.train import (
-    checkpoint,  # noqa: E402
-    main,  # noqa: E402
-)
+from wpipe.train import checkpoint, main  # noqa: E402
 
 # A tiny BERT (dropout on: the RNG states matter), 2 epochs of 3 updates, a checkpoint
 # every 2 updates: checkpoints after updates 2, 3 (epoch end), 4 and 6.

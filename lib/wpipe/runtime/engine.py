@@ -34,7 +34,7 @@ from ..config import PipelineConfig
 from ..errors import CommError
 from ..schedule import Topology, check_schedule, format_schedule, last_uses
 from ..schedule.messages import incoming
-from ..trace import Recorder
+from ..trace import CALL, COMPUTE, RECOMPUTE, TRAIN, WAIT, WAIT_SENDS, Recorder, span_name
 from . import memory, precision, recompute
 from .distributed import connect
 from .feed import Feed, count
@@ -118,9 +118,9 @@ class Pipeline:
         for module in self.local_partitions.values():
             module.train()
         self.transport.expect(incoming(full, self.topology, self.device_index))
-        with self.trace.span("call", "train", {"micro_batches": self._feed.count}):
+        with self.trace.span(CALL, TRAIN, {"micro_batches": self._feed.count}):
             self._run(full, {"F": self._forward, "B": self._backward, "U": self._update})
-            with self.trace.span("wait", "wait sends"):
+            with self.trace.span(WAIT, WAIT_SENDS):
                 self.transport.finish()
         self._periods_done += periods
         return [float(s) / self._period for s in self._loss_sum] if self.computes_loss else []
@@ -251,7 +251,7 @@ class Pipeline:
     def _forward(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
         inputs = self._inputs(op)
-        with self.trace.span("compute", op):
+        with self.trace.span(COMPUTE, op):
             version = self._version(p, mb)
             weights = self.versions[p].weights(version)
             rng, saved = None, {}
@@ -281,10 +281,10 @@ class Pipeline:
         entry = self.stash.take((p, mb))
         outputs, loss = entry.outputs, entry.loss
         if self.cfg.recompute:   # before the gradients are needed: it overlaps their transfer
-            with self.trace.span("compute", f"recompute {op}"):
+            with self.trace.span(COMPUTE, span_name(RECOMPUTE, op)):
                 outputs, loss = self._recompute(p, mb, entry)
         grads = None if p == self.last_partition else self._receive(("B", p + 1, mb), p + 1, op)
-        with self.trace.span("compute", op):
+        with self.trace.span(COMPUTE, op):
             if p == self.last_partition:
                 if self.scaler:
                     loss = loss * self.scaler.scale(self._periods_done + mb // self._period)

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CommError
+from ..trace import WAIT, WAIT_RECV, span_name
 from .precision import Agreement, LossScaler
 from .updates import GradientMean
 from .wire import Wire, decode_metadata, encode_metadata
@@ -183,7 +184,7 @@ class Links:
         posted = self.posted.get(key[:2])
         args = {"peer": self.streams[key[:2]][0], "op": waiter,
                 "posted_us": round((posted.time - self.trace.origin) * 1e6, 1) if posted else None}
-        with self.trace.span("wait", f"wait recv {_op(key)}", args):
+        with self.trace.span(WAIT, span_name(WAIT_RECV, _op(key)), args):
             tensors = self._recv(key, waiter)
         args["bytes"] = sum(t.numel() * t.element_size() for t in tensors)
         return tensors

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..errors import CommError
 from ..schedule import Op
-from ..trace import Recorder
+from ..trace import COMPUTE, REDUCE, WAIT, WAIT_ALLREDUCE, Recorder, span_name
 from .versions import WeightVersions
 
 
@@ -91,7 +91,7 @@ class Updates:
             self.scaler.start(self.scaler_group[p], run_period, grads)
         reduction = None
         if self.mean is not None:
-            with self.trace.span("compute", f"reduce {op}"):
+            with self.trace.span(COMPUTE, span_name(REDUCE, op)):
                 reduction = self.mean.start(grads)
         self.pending[p] = PendingUpdate(op, index, period, run_period, grads, reduction)
 
@@ -106,10 +106,10 @@ class Updates:
         update = self.pending.pop(p)
         grads = update.grads
         if update.reduction is not None:
-            with self.trace.span("wait", f"wait allreduce {update.op}"):
+            with self.trace.span(WAIT, span_name(WAIT_ALLREDUCE, update.op)):
                 self.mean.wait(update.reduction, update.op)
         step = not (self.scaler and self.scaler.overflow(self.scaler_group[p], update.run_period))
-        with self.trace.span("compute", update.op):
+        with self.trace.span(COMPUTE, update.op):
             if update.reduction is not None:
                 grads = self.mean.average(update.reduction, grads)
             if self.scaler and step:

@@ -8,23 +8,11 @@ No torch is imported here or below.
     messages    the messages a schedule implies, in the order each stream carries them
 """
 from .check import ScheduleError, check_schedule, format_schedule, last_uses
-from .methods import (
-                      KINDS,
-                      METHODS,
-                      Method,
-                      Op,
-                      build_schedule,
-                      default_period,
-                      device_of,
-                      get_method,
-                      num_partitions,
-                      parse_op,
-                      validate,
-                      weights_version,
-)
+from .methods import (KINDS, METHODS, PIPELINES, Method, Op, build_schedule, default_period, device_of, get_method,
+                      num_partitions, parse_op, validate, weights_version)
 from .simulate import simulate
 from .topology import Topology
 
-__all__ = ["KINDS", "METHODS", "Method", "Op", "ScheduleError", "Topology", "build_schedule",
-           "check_schedule", "default_period", "device_of", "format_schedule", "get_method",
-           "last_uses", "num_partitions", "parse_op", "simulate", "validate", "weights_version"]
+__all__ = ["KINDS", "METHODS", "PIPELINES", "Method", "Op", "ScheduleError", "Topology", "build_schedule",
+           "check_schedule", "default_period", "device_of", "format_schedule", "get_method", "last_uses",
+           "num_partitions", "parse_op", "simulate", "validate", "weights_version"]

@@ -196,6 +196,8 @@ METHODS: dict[str, Method] = {
                             lambda p, n: False, synchronous=True),
 }
 
+PIPELINES = tuple(name for name, method in METHODS.items() if method.num_partitions(2) > 1)
+"""The methods that cut the model over the devices of a pipeline (all but data_parallel)."""
 
 def num_partitions(method: str, depth: int) -> int:
     return get_method(method).num_partitions(depth)

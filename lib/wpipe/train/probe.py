@@ -47,6 +47,7 @@ from ..files import write_atomic
 from ..runtime.engine import Pipeline
 from ..runtime.loopback import Loopback, Spec, infer_outputs
 from ..schedule import Topology
+from ..trace import COMPUTE, RECOMPUTE, parse_span
 
 log = logging.getLogger("wpipe")
 TIMES = {"F": "forward_s", "B": "backward_s", "U": "update_s"}
@@ -90,15 +91,17 @@ def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, fl
     seconds: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     updates: dict[int, int] = defaultdict(int)
     for category, name, start, end, _ in sorted(events, key=lambda e: e[2]):
-        if category != "compute":
+        if category != COMPUTE:
             continue
-        op = schedule.parse_op(name.removeprefix("recompute "))
+        prefix, op = parse_span(name)
+        if prefix not in ("", RECOMPUTE):
+            continue
         if op.kind == "U":
             t, updates[op.partition] = updates[op.partition], updates[op.partition] + 1
         else:
             t = op.micro_batch // period
         if t >= warmup_periods:
-            kind = "recompute_s" if name.startswith("recompute ") else TIMES[op.kind]
+            kind = "recompute_s" if prefix == RECOMPUTE else TIMES[op.kind]
             seconds[op.partition][kind].append(end - start)
     return {p: {key: statistics.median(times[key]) if times[key] else 0.0
                 for key in ("forward_s", "backward_s", "recompute_s", "update_s")}

@@ -140,7 +140,12 @@ class CifarDataset(Dataset):
                 raise ValueError(f"{folder / file_name} lacks the keys 'data' and "
                                  f"{layout.label_key!r} of a {name} batch")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            self.labels += [int(label) for label in entry[layout.label_key]]
+            labels = [int(label) for label in entry[layout.label_key]]
+            outside = [label for label in labels if not 0 <= label < DATASETS[name]]
+            if outside:
+                raise ValueError(f"{folder / file_name}: label {outside[0]} is outside the {DATASETS[name]} "
+                                 f"classes of {name} (0 .. {DATASETS[name] - 1}): is it a {name} file?")
+            self.labels += labels
         # Rows are 1024 R, 1024 G, 1024 B values, each channel row-major: to HWC for PIL.
         self.images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))
         self.classes = list(_read_cifar_pickle(folder / layout.meta[0], layout.meta[1], layout,

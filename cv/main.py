@@ -83,7 +83,7 @@ class CvConfig(TrainConfig):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         resnext_spec(self.model)
-        check_image_size(self.image_size)
+        check_image_size(self.image_size, self.micro_batch_size)
         if self.balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {self.balance!r}")
         for name in ("lr_decay_every", "synthetic_samples"):

@@ -89,12 +89,21 @@ def num_blocks(name: str) -> int:
     return len(_block_names(resnext_spec(name)))
 
 
-def check_image_size(size: int) -> None:
-    """Raise ValueError when `size` (px, the square side) is too small for ResNeXt."""
+def check_image_size(size: int, micro_batch_size: int = 2) -> None:
+    """Raise ValueError when `size` (px, the square side) is too small for ResNeXt, or gives
+    BatchNorm a single value per channel at micro-batches of `micro_batch_size` (training)."""
     if not isinstance(size, int) or size < MIN_IMAGE_SIZE:
         raise ValueError(
             f"image_size {size!r} px is too small for ResNeXt: the network downsamples by 32, "
             f"so use an integer image_size >= {MIN_IMAGE_SIZE} (the paper uses 224)")
+    side = size
+    for _ in range(5):   # the stem's convolution and pooling, then three strided stages: each ceil(x / 2)
+        side = -(-side // 2)
+    if micro_batch_size * side * side < 2:
+        raise ValueError(
+            f"image_size {size} px with micro_batch_size {micro_batch_size}: ResNeXt downsamples it to "
+            f"{side} x {side} px, where BatchNorm (training) sees one value per channel; use "
+            f"micro_batch_size >= 2 or image_size > {MIN_IMAGE_SIZE}")
 
 
 def resnext_partition_plan(name: str, num_partitions: int, *, balance: str = "uniform",

@@ -155,6 +155,14 @@ def _save_atomic(obj, path: Path) -> None:
         log.warning("cannot cache tokenized data in %s (%s)", path.parent, err)
 
 
+def check_synthetic(vocab_size: int, num_labels: int) -> None:
+    """Synthetic samples draw their label from a token id (modulo num_labels): refuse a
+    vocabulary that cannot give every label."""
+    if vocab_size <= num_labels:
+        raise ValueError(f"vocab_size={vocab_size} must exceed num_labels={num_labels}: synthetic data "
+                         f"takes its labels from token ids; use a vocab_size > {num_labels}")
+
+
 def synthetic_glue(num_samples: int, seq_len: int, vocab_size: int, num_labels: int,
                    seed: int) -> TensorDataset:
     """Random sentence pairs in the layout of ``load_glue``, reproducible from ``seed``.
@@ -162,8 +170,7 @@ def synthetic_glue(num_samples: int, seq_len: int, vocab_size: int, num_labels: 
     Lengths are uniform in [seq_len // 2, seq_len], padding id 0, token type 1 on the second
     half of each pair. The label is the id of token 1 modulo ``num_labels``, so it can be learnt.
     """
-    if vocab_size <= num_labels:
-        raise ValueError(f"vocab_size={vocab_size} must exceed num_labels={num_labels}")
+    check_synthetic(vocab_size, num_labels)
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(seq_len // 2, 2), seq_len + 1, (num_samples, 1), generator=gen)
     positions = torch.arange(seq_len)[None, :]

@@ -104,6 +104,8 @@ def make_task(cfg: NlpConfig) -> Task:
     checkpoint = _checkpoint(cfg)
     vocab = _vocabulary(cfg, checkpoint)
     config = _bert_config(cfg, spec.num_labels, checkpoint, vocab)
+    if cfg.mode != "train" or cfg.data_dir is None:   # synthetic data, made after the process group starts
+        glue.check_synthetic(config.vocab_size, spec.num_labels)
     num_partitions = schedule.num_partitions(cfg.method, cfg.pipeline_depth)
     if config.num_hidden_layers < num_partitions:
         raise ValueError(f"num_layers={config.num_hidden_layers} is fewer than the {num_partitions} "
@@ -216,7 +218,8 @@ def _bert_config(cfg: NlpConfig, num_labels: int, checkpoint: Path | None, vocab
                          f"{config.num_attention_heads}")
     if cfg.max_seq_length > config.max_position_embeddings:
         raise ValueError(f"max_seq_length={cfg.max_seq_length} exceeds the model's "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+                         f"max_position_embeddings={config.max_position_embeddings}: use max_seq_length <= "
+                         f"{config.max_position_embeddings}")
     return config
 
 

@@ -7,6 +7,7 @@ check that two ranks still print the line once.
 """
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 
@@ -30,6 +31,8 @@ NLP = ["--num_layers", "4", "--hidden", "16", "--heads", "2", "--ffn", "32", "--
        "--max_seq_length", "12", "--micro_batch_size", "4", "--synthetic_samples", "64",
        "--epochs", "2", "--max_periods_per_epoch", "3"]
 CV = ["--config", str(ROOT / "network_conf" / "cv_tiny.yaml"), "--micro_batch_size", "4"]
+MINILM = ["--model_name_or_path", "minilm", *(x for name in ("num_layers", "hidden", "heads", "ffn", "vocab_size")
+                                               for x in (f"--{name}", "null"))]
 
 
 def fake_checkpoint(folder, argv, world=2, **changes):
@@ -64,6 +67,11 @@ def inputs(tmp_path_factory):
     write_cifar_copy(root / "cifar", "cifar10", num_train=20, num_test=8, seed=0)
     shutil.copytree(root / "cifar", root / "cifar_broken")
     (root / "cifar_broken" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    shutil.copytree(root / "cifar", root / "cifar_labels")
+    batch = root / "cifar_labels" / "cifar-10-batches-py" / "data_batch_2"
+    entry = pickle.loads(batch.read_bytes(), encoding="latin1")
+    entry["labels"][0] = 11
+    batch.write_bytes(pickle.dumps(entry))
     (root / "list.yaml").write_text("- method: wpipe\n")
     (root / "syntax.yaml").write_text("method: [wpipe\n")
     (root / "unknown.yaml").write_text("methd: wpipe\n")
@@ -139,6 +147,17 @@ def table(i):
         ("cv", ["--data_dir", str(i / "cifar_broken"), "--verify_data", "false"],
          r"cifar_broken/cifar-10-batches-py/data_batch_1 is not a CIFAR python pickle"),
         ("cv", ["--pipeline_depth", "4"], r"resnext_tiny has 6 blocks .* but 8 partitions were asked for"),
+        # limits the model knows: refused before any process starts, in every mode
+        ("cv", ["--micro_batch_size", "1"], r"image_size 32 px with micro_batch_size 1: ResNeXt downsamples it to "
+                                            r"1 x 1 px, where BatchNorm \(training\) sees one value per channel"),
+        ("cv", ["--mode", "throughput", "--micro_batch_size", "1"], r"image_size 32 px with micro_batch_size 1"),
+        ("cv", ["--mode", "probe", "--image_size", "31"], r"image_size 31 px is too small for ResNeXt"),
+        ("cv", ["--data_dir", str(i / "cifar_labels"), "--verify_data", "false"],
+         r"cifar_labels/cifar-10-batches-py/data_batch_2: label 11 is outside the 10 classes of cifar10"),
+        ("nlp", ["--mode", "throughput", "--vocab_size", "2"], r"vocab_size=2 must exceed num_labels=2: synthetic data"),
+        ("nlp", ["--mode", "probe", "--vocab_size", "2"], r"vocab_size=2 must exceed num_labels=2"),
+        ("nlp", [*MINILM, "--max_seq_length", "600"],
+         r"max_seq_length=600 exceeds the model's max_position_embeddings=512: use max_seq_length <= 512"),
         # checkpoints: missing, corrupt, of another run
         ("nlp", ["--resume", str(ck / "nowhere")], r"resume: .*nowhere is not a checkpoint \(no manifest.json"),
         ("nlp", ["--resume", str(ck / "empty")], r"resume: .*empty is not a checkpoint"),

@@ -37,7 +37,7 @@ def brute_force(weights, num_partitions: int) -> float:
 # --------------------------------------------------------------------------- uniform
 
 @pytest.mark.parametrize("num_blocks, num_partitions, expected", [
-    (10, 4, [2, 2, 3, 3]),          # design/wpipe.md section 1: remainder to the LAST ones
+    (10, 4, [2, 2, 3, 3]),          # docs/design.md §2.3: remainder to the LAST ones
     (11, 4, [2, 3, 3, 3]),
     (13, 4, [3, 3, 3, 4]),
     (7, 3, [2, 2, 3]),

@@ -1,7 +1,7 @@
 """The oracle (`wpipe.reference.train`) against arithmetic written out by hand.
 
 Synchronous methods must equal plain gradient accumulation; the stale rules of wpipe and
-pipedream_2bw are spelled out step by step (design/wpipe.md sections 3-4). Every
+pipedream_2bw are spelled out step by step (docs/design.md §5). Every
 parameter is compared by name; a failure names the partition, the parameter and the
 largest difference. All float64, so "equal" means 1e-12.
 """

@@ -26,14 +26,14 @@ def spelled(schedule) -> list[list[str]]:
 
 
 def paper(ops: list[str], depth: int) -> list[str]:
-    """Op tokens in design/wpipe.md's notation ('2F3' -> 'F3b' at depth 2), updates dropped."""
+    """Op tokens in the paper's notation (docs/design.md §3.2) ('2F3' -> 'F3b' at depth 2), updates dropped."""
     ops = [parse_op(op) for op in ops]
     return [f"{op.kind}{op.micro_batch}{'ab'[op.partition // depth]}" for op in ops if op.kind != "U"]
 
 
 # --------------------------------------------------------------------------- literal orders
 
-# design/wpipe.md section 2, verbatim.
+# docs/design.md §3.2, verbatim.
 WPIPE_N2_M6_PAPER = """
 dev0: F0a F1a F0b F1b B0b F2a B1b F3a B0a F2b B1a F3b B2b F4a B3b F5a B2a F4b B3a F5b B4b B5b B4a B5a
 dev1: F0a F1a F0b B0b F1b B1b F2a B0a F3a B1a F2b B2b F3b B3b F4a B2a F5a B3a F4b B4b F5b B5b B4a B5a
@@ -95,7 +95,7 @@ DEPTHS = range(1, 17)
 
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_wpipe_follows_the_rule(depth):
-    """design/wpipe.md section 2, restated op by op for every device."""
+    """docs/design.md §3.2, restated op by op for every device."""
     n = depth
     for micro_batches in (n, 2 * n, 3 * n):
         for s, ops in enumerate(build_schedule("wpipe", n, micro_batches)):

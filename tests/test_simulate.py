@@ -1,5 +1,5 @@
-"""Timing and memory of every method against the closed forms of design/wpipe.md sections
-2, 4 and 5, in exact arithmetic (integer or Fraction costs)."""
+"""Timing and memory of every method against the closed forms of docs/design.md §4.3 and
+§8.1, in exact arithmetic (integer or Fraction costs)."""
 from fractions import Fraction
 
 import pytest
@@ -109,7 +109,7 @@ def test_float_costs_give_floats():
 
 @pytest.mark.parametrize("depth", range(1, 9))
 def test_memory_table(depth):
-    """design/wpipe.md section 5, in A (one micro-batch's activations through the whole
+    """docs/design.md §8.1, in A (one micro-batch's activations through the whole
     model) and W (the whole model's weights), device s of N."""
     n = depth
     table = {  # method, period: (stash on device s, weight copies)

@@ -1,7 +1,7 @@
 """Runs one device's op list: the only interpreter of a schedule.
 
 Every rank builds its own partitions, checks the schedule, then walks its device's ops
-(docs/design.md, section 5):
+(docs/design.md §6.1):
 
 * F: take the inputs (micro-batch data for partition 0, else the previous partition's
   output), run the partition on the weights version its period uses, stash what the

@@ -1,4 +1,4 @@
-"""Bytes the runtime counts, by one rule shared by the engine, planning/measure.py (the cost
+"""Bytes the runtime counts (docs/design.md §8.3), by one rule shared by the engine, planning/measure.py (the cost
 model's blocks) and tool/bench.py, so that predictions and runs count the same thing.
 
 * **Saved activations** (`count_saved`): every storage autograd saves during a forward,

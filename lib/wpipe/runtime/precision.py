@@ -13,7 +13,7 @@ transport.py) and by the oracle (reference.py), so that both compute the same nu
 The fp16 loss scaler (`LossScaler`; `Agreement` runs it across ranks). Partitions with the
 same staleness form a *scaler group*: "stale" (wpipe's G0, every pipedream_2bw stage) and
 "synchronous" (wpipe's G1, every stage of the synchronous methods). Periods t = 0, 1, ...
-count over the whole run. The exact rule:
+count over the whole run. The exact rule (docs/design.md §7):
 
 1. Period t has one scale S_t. Every micro-batch of period t back-propagates
    loss x S_t / m from the last partition, and every partition multiplies period t's

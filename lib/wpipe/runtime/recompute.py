@@ -1,4 +1,5 @@
-"""Recomputation: run a partition's forward again, before its backward, exactly as the first time.
+"""Recomputation: run a partition's forward again, before its backward, exactly as the first time
+(docs/design.md §6.5).
 
 With `recompute`, a forward keeps only its inputs and the RNG state it started with
 (`rng_state`); the backward first runs the forward again under `as_before`: the same RNG

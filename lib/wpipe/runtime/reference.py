@@ -1,7 +1,7 @@
 """Single-process trainers with each method's exact update rule: the oracle.
 
 `train` runs the whole model (all partitions, in one process, one micro-batch at a time)
-and applies design/wpipe.md sections 3-4 literally, period by period:
+and applies docs/design.md §5 literally, period by period:
 
 * a synchronous partition runs period t on W(t); W(t+1) = step(W(t), g(W(t)));
 * a stale partition (wpipe's first group, every pipedream_2bw stage) runs period t,

@@ -1,4 +1,5 @@
-"""Deferred updates: a "U" op starts its partition's update, and it finishes later.
+"""Deferred updates: a "U" op starts its partition's update, and it finishes later
+(docs/design.md §6.3).
 
 At the U's place in the order an update starts: the period's gradients are taken, their
 data-parallel all-reduce (a mean over the replicas) is launched, and with fp16 the

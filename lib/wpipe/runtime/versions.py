@@ -1,4 +1,4 @@
-"""Weight versions of one partition.
+"""Weight versions of one partition (docs/design.md §6.2).
 
 The module's own parameters always hold the newest version (what the optimizer steps
 and what `Pipeline.local_partitions` exposes). An older version is kept only while some

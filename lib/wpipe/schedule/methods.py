@@ -6,7 +6,7 @@ partition's group); `Op.partition` is the global partition index; `Op.micro_batc
 None for "U". `str(op)` is the one spelling used everywhere: `2F3` is the forward of
 micro-batch 3 through partition 2, `2U` the update of partition 2.
 
-Methods (see design/wpipe.md sections 2 and 4), N = depth, m = micro-batches per update:
+Methods (docs/design.md §2, §3 and §9), N = depth, m = micro-batches per update:
 
     wpipe            2N partitions, device s holds s and N+s; grouped interleaved order
     pipedream_2bw    N partitions; 1F1B without flush; every stage one period stale
@@ -111,7 +111,7 @@ def get_method(name: str) -> Method:
 # --------------------------------------------------------------------------- orders
 
 def _wpipe(depth: int, num_micro_batches: int, period: int) -> list[list[Op]]:
-    """design/wpipe.md section 2. Forwards come in blocks of N alternating G0, G1; the
+    """docs/design.md §3.2. Forwards come in blocks of N alternating G0, G1; the
     backward counter starts with a block of G1; device s runs 2N-1-s warm-up forwards,
     then one forward and one backward in turn, then drains; a group's update follows its
     N-th backward of a period."""

@@ -42,6 +42,8 @@ def case(method, depth, dp, optimizer="sgd", layout="pipeline_major", periods=3,
 TWO_PROCESSES = (
     [case(m, 2, 1, opt) for m in METHODS for opt in ("sgd", "adam")]
     + [case("data_parallel", 1, 2, opt) for opt in ("sgd", "adam")]
+    + [case("data_parallel", 1, 2, "adam", flags=("m3",)),                 # DDP accumulates, then averages
+       case("data_parallel", 1, 2, flags=("m2", "recompute"))]
     + [case("wpipe", 1, 2, "adam"),                       # both partitions on one device, and D = 2
        case("wpipe", 2, 1, flags=("recompute",)),
        case("pipedream_2bw", 2, 1, flags=("recompute",)),

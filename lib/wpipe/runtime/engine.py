@@ -36,6 +36,7 @@ from ..schedule import Topology, check_schedule, format_schedule, last_uses
 from ..schedule.messages import incoming
 from ..trace import CALL, COMPUTE, RECOMPUTE, TRAIN, WAIT, WAIT_SENDS, Recorder, span_name
 from . import memory, precision, recompute
+from .ddp import ReplicatedForward
 from .distributed import connect
 from .feed import Feed, count
 from .transport import Transport
@@ -85,7 +86,11 @@ class Pipeline:
         method = schedule.get_method(cfg.method)
         scaler = self.precision.make_scaler(cfg.method, cfg.pipeline_depth)
         self.scaler = self.transport.agreement(scaler) if scaler else None
-        self.updates = Updates(self.versions, self.lr_schedulers, self.transport.mean, self.scaler,
+        mean, self.replicated = self.transport.mean, None
+        if mean is not None and self.num_partitions == 1 and not method.stale(0, cfg.pipeline_depth):
+            # The whole model, synchronous (data_parallel): DDP averages in the backward (ddp.py).
+            self.replicated, mean = ReplicatedForward(self.local_partitions[0], mean.group, cfg.period), None
+        self.updates = Updates(self.versions, self.lr_schedulers, mean, self.scaler,
                                {p: precision.group_of(method.stale(p, cfg.pipeline_depth)) for p in self.versions},
                                self.trace)
         self.stash = memory.Stash()
@@ -263,7 +268,7 @@ class Pipeline:
                     out = self._call(p, weights, inputs)
             else:
                 with memory.count_saved(saved, self._weights(p, weights)), self.precision.autocast():
-                    out = self._call(p, weights, inputs)
+                    out = self._call(p, weights, inputs, mb)
             outputs = out if isinstance(out, tuple) else (out,)
             loss = None
             if p == self.last_partition:
@@ -337,7 +342,11 @@ class Pipeline:
     def _weights(self, p, weights) -> Iterable[torch.Tensor]:
         return weights.values() if weights else self.local_partitions[p].parameters()
 
-    def _call(self, p, weights, inputs):
+    def _call(self, p, weights, inputs, mb: int | None = None):
+        """Partition p's forward on `weights` (None: the newest, the module's own); through
+        DDP (`replicated`) when the forward is micro-batch `mb`'s for its backward."""
+        if weights is None and mb is not None and self.replicated is not None:
+            return self.replicated(mb, inputs)
         module = self.local_partitions[p]
         return module(*inputs) if weights is None else functional_call(module, weights, inputs)
 
@@ -346,7 +355,7 @@ class Pipeline:
         weights, saved = self.versions[p].weights(entry.version), {}
         with recompute.as_before(self.local_partitions[p], entry.rng, self.device):
             with memory.count_saved(saved, self._weights(p, weights)), self.precision.autocast():
-                out = self._call(p, weights, entry.inputs)
+                out = self._call(p, weights, entry.inputs, mb)
         self.stash.working_set(sum(saved.values()))
         loss = (self.loss_fn(self.precision.loss_input(out), self._feed.target(mb))
                 if p == self.last_partition else None)

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -71,30 +70,32 @@ class Wire:
             return tensors, [t.dtype for t in tensors]
         out, exponents = [], []
         for t in tensors:
-            k = 0
+            k = torch.zeros((), dtype=torch.int32, device=t.device)
             if t.dtype in CAST_ON_WIRE:
-                k = _fp16_exponent(t) if self.dtype == torch.float16 else 0
-                t = (t * 2.0 ** k if k else t).to(self.dtype)
+                if self.dtype == torch.float16:
+                    k = _fp16_exponent(t)
+                    t = t * _power_of_two(k, t.dtype)
+                t = t.to(self.dtype)
             out.append(t)
             exponents.append(k)
         restore = [t.dtype for t in tensors]
         if self.dtype == torch.float16:
-            out.append(torch.tensor(exponents, dtype=torch.int32, device=tensors[0].device if tensors else "cpu"))
+            out.append(torch.stack(exponents) if exponents else torch.zeros(0, dtype=torch.int32))
             restore.append(torch.int32)
         return tuple(out), restore
 
     def decode(self, tensors, restore: list[torch.dtype]) -> tuple[torch.Tensor, ...]:
         if self.dtype is None:
             return tuple(tensors)
-        exponents = [0] * len(tensors)
+        exponents = None
         if self.dtype == torch.float16:
-            exponents, tensors, restore = tensors[-1].tolist(), tensors[:-1], restore[:-1]
+            exponents, tensors, restore = tensors[-1], tensors[:-1], restore[:-1]
         out = []
-        for t, dtype, k in zip(tensors, restore, exponents):
+        for i, (t, dtype) in enumerate(zip(tensors, restore)):
             if t.dtype != dtype:
                 t = t.to(dtype)
-                if k:
-                    t = t * 2.0 ** -k
+                if exponents is not None:
+                    t = t * _power_of_two(-exponents[i], dtype)
             out.append(t)
         return tuple(out)
 
@@ -125,12 +126,19 @@ class _Across(torch.autograd.Function):
                         for g, needed in zip(grads, ctx.needs_input_grad[1:])))
 
 
-def _fp16_exponent(t: torch.Tensor) -> int:
-    """k such that max|t| x 2^k lies in [2^13, 2^14); 0 for an empty, zero or non-finite t."""
+def _fp16_exponent(t: torch.Tensor) -> torch.Tensor:
+    """k (an int32 scalar on t's device, computed there: no host sync) such that max|t| x 2^k
+    lies in [2^13, 2^14), within +-MAX_WIRE_EXPONENT; 0 for an empty, zero or non-finite t."""
     if t.numel() == 0:
-        return 0
-    largest = t.detach().abs().max().item()
-    if largest == 0 or not math.isfinite(largest):
-        return 0
-    k = FP16_TARGET_EXPONENT - math.frexp(largest)[1]
-    return max(-MAX_WIRE_EXPONENT, min(MAX_WIRE_EXPONENT, k))
+        return torch.zeros((), dtype=torch.int32, device=t.device)
+    largest = t.detach().abs().amax()
+    k = (FP16_TARGET_EXPONENT - torch.frexp(largest).exponent).clamp(-MAX_WIRE_EXPONENT, MAX_WIRE_EXPONENT)
+    return torch.where(torch.isfinite(largest) & (largest != 0), k, 0).to(torch.int32)
+
+
+def _power_of_two(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^k exactly, as a scalar of `dtype` (float32 or float64) on k's device, |k| <= 120:
+    the exponent field written directly (a power function might round)."""
+    if dtype == torch.float64:
+        return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)

@@ -52,11 +52,15 @@ class Pipeline:
     once per local partition; `make_lr_scheduler(optimizer)`, if given, is stepped after
     every update of that partition. `transport` (default: the process group's links) is
     what the rank talks to; probe mode passes a loopback.Loopback (one device alone).
+    `on_nonfinite(partition, versions, grads)`, if given, is asked about an update whose
+    gradients are not finite (checked with one host sync per update; fp16's loss scaler
+    skips those itself): False skips the step, or it raises to stop.
     """
 
     def __init__(self, build_partition: Callable[[int], nn.Module], loss_fn: Callable,
                  make_optimizer: Callable, cfg: PipelineConfig, *,
-                 make_lr_scheduler: Callable | None = None, transport: Transport | None = None):
+                 make_lr_scheduler: Callable | None = None, transport: Transport | None = None,
+                 on_nonfinite: Callable | None = None):
         cfg.validate()
         self.cfg = cfg
         self.topology = Topology.from_config(cfg)
@@ -92,7 +96,7 @@ class Pipeline:
             self.replicated, mean = ReplicatedForward(self.local_partitions[0], mean.group, cfg.period), None
         self.updates = Updates(self.versions, self.lr_schedulers, mean, self.scaler,
                                {p: precision.group_of(method.stale(p, cfg.pipeline_depth)) for p in self.versions},
-                               self.trace)
+                               self.trace, on_nonfinite)
         self.stash = memory.Stash()
         self._periods_done = 0   # periods trained by earlier calls of train()
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..errors import CommError
 from ..schedule import Op
 from ..trace import COMPUTE, REDUCE, WAIT, WAIT_ALLREDUCE, Recorder, span_name
+from .precision import overflowed
 from .versions import WeightVersions
 
 
@@ -76,12 +77,16 @@ class PendingUpdate:
 class Updates:
     """This rank's updates in flight, by partition. `mean` is None without data
     parallelism; `scaler` (precision.Agreement) None unless fp16; `scaler_group[p]` names
-    partition p's scaler group."""
+    partition p's scaler group; `on_nonfinite` (see Pipeline) None: no check.
+
+    At most one host sync per update: the fp16 overflow verdict (its flag leaves the device
+    once, at `start`), or else the non-finite check at `finish`."""
 
     def __init__(self, versions: dict[int, WeightVersions], lr_schedulers: dict, mean: GradientMean | None,
-                 scaler, scaler_group: dict[int, str], trace: Recorder):
+                 scaler, scaler_group: dict[int, str], trace: Recorder, on_nonfinite=None):
         self.versions, self.lr_schedulers, self.mean = versions, lr_schedulers, mean
         self.scaler, self.scaler_group, self.trace = scaler, scaler_group, trace
+        self.on_nonfinite = on_nonfinite
         self.pending: dict[int, PendingUpdate] = {}
 
     def start(self, op: Op, index: int, period: int, run_period: int, version: int) -> None:
@@ -113,6 +118,8 @@ class Updates:
         with self.trace.span(COMPUTE, update.op):
             if update.reduction is not None:
                 grads = self.mean.average(update.reduction, grads)
+            if not self.scaler and self.on_nonfinite is not None and overflowed(grads):
+                step = self.on_nonfinite(p, self.versions[p], grads)
             if self.scaler and step:
                 inverse = 1 / self.scaler.scale(update.run_period)
                 grads = [g * inverse for g in grads]

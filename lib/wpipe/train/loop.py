@@ -102,8 +102,9 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
         log.info("partitions balanced by block costs measured on rank 0: %s s",
                  ", ".join(f"{c:.4g}" for c in costs[0]))
         build_partition = functools.partial(task.build_partition, block_costs=costs[0])
-    pipe = Pipeline(build_partition, guard.loss_fn(task.loss_fn), guard.make_optimizer(task.make_optimizer),
-                    cfg.pipeline_fields(), make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods))
+    pipe = Pipeline(build_partition, guard.loss_fn(task.loss_fn), task.make_optimizer,
+                    cfg.pipeline_fields(), make_lr_scheduler=lambda opt: task.make_lr_scheduler(opt, total_periods),
+                    on_nonfinite=guard.check)
     guard.attach(pipe, cfg.recompute)
     log.info("%s on %d ranks (%s): %s %dx%d, micro-batch %d, %d micro-batches per update%s",
              cfg.mode, dist.get_world_size(), backend, cfg.method, cfg.pipeline_depth, cfg.data_parallel,

@@ -1,8 +1,9 @@
 """Non-finite losses and gradients: stop the run naming where, or skip that update.
 
-The guard wraps what the runner hands the Pipeline, so the engine stays as it is: the loss
-function (to remember each micro-batch's loss) and every partition's optimizer (its step
-first checks the partition's gradients). A NaN or Inf loss makes every gradient of its
+The guard wraps the loss function the runner hands the Pipeline (to remember each
+micro-batch's loss), and the Pipeline asks it (`check`, its `on_nonfinite`) about every
+update whose gradients are not finite: the engine checks each update's gradients once,
+with one host sync (runtime/updates.py). A NaN or Inf loss makes every gradient of its
 period non-finite on every partition it flows back through (both wpipe groups, and every
 replica after the all-reduce), so each partition sees the same period as bad:
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import types
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,7 @@ class Guard:
         self.losses: list[torch.Tensor] = []   # this chunk's losses, in micro-batch order
         self.first_update = 0                  # the chunk's first update of the run
         self.skipped: dict[int, list[int]] = {}  # partition -> updates skipped (0-based)
-        self._partitions: dict[int, tuple] = {}  # id(optimizer) -> (partition, WeightVersions)
+        self.recompute = False
 
     def loss_fn(self, loss_fn):
         def checked(output, target):
@@ -50,24 +50,10 @@ class Guard:
             return loss
         return checked
 
-    def make_optimizer(self, make_optimizer):
-        def guarded(params):
-            optimizer = make_optimizer(params)
-            step = optimizer.step
-
-            def checked_step(opt, *args, **kwargs):
-                if self._finite(opt):
-                    return step(*args, **kwargs)
-                return None
-            optimizer.step = types.MethodType(checked_step, optimizer)
-            return optimizer
-        return guarded
-
     def attach(self, pipe, recompute: bool) -> None:
-        """Learn which optimizer steps which partition (after the Pipeline is built)."""
+        """Learn this rank's partitions (after the Pipeline is built)."""
         self.recompute = recompute
-        for p, versions in pipe.versions.items():
-            self._partitions[id(versions.optimizer)] = (p, versions)
+        for p in pipe.versions:
             self.skipped.setdefault(p, [])
 
     @contextlib.contextmanager
@@ -99,18 +85,16 @@ class Guard:
             log.warning("skipped update(s) %s: non-finite loss or gradients (on_nonfinite skip)",
                         ", ".join(str(u + 1) for u in new))
 
-    def _finite(self, optimizer) -> bool:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-            return True
-        partition, versions = self._partitions[id(optimizer)]
+    def check(self, partition: int, versions, grads: list[torch.Tensor]) -> bool:
+        """The Pipeline's `on_nonfinite`: update `versions.newest` of `partition` met the
+        non-finite `grads` (aligned with its named parameters). skip: record it and return
+        False (the step is left out); stop: raise NonFiniteError naming where."""
         update = versions.newest
         if self.mode == "skip":
             self.skipped[partition].append(update)
             return False
-        names = {id(t): n for n, t in versions.module.named_parameters()}
-        bad = next(names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
-                   if p.grad is not None and not p.grad.isfinite().all())
+        bad = next(name for (name, _), g in zip(versions.module.named_parameters(), grads)
+                   if not g.isfinite().all())
         raise NonFiniteError(f"non-finite gradient at update {update + 1} of the run in partition {partition} "
                              f"(parameter {bad}){self._bad_losses(update)}; the last complete checkpoint is "
                              f"kept: resume from it with a lower lr, or set on_nonfinite skip")

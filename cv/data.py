@@ -314,7 +314,7 @@ def synthetic_dataset(num_samples: int, image_size: int, num_classes: int,
 
 def micro_batch_loader(dataset: Dataset, micro_batch_size: int, replica: int,
                        num_replicas: int, seed: int, epoch: int, num_workers: int = 0,
-                       shuffle: bool = True, drop_last: bool = True) -> DataLoader:
+                       shuffle: bool = True, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
     """Micro-batches (images, labels) of data-parallel replica `replica` for one epoch.
 
     The epoch's order is a permutation from (seed, epoch) (identity if not `shuffle`), dealt
@@ -322,7 +322,8 @@ def micro_batch_loader(dataset: Dataset, micro_batch_size: int, replica: int,
     same number of full micro-batches, floor(len / (num_replicas * micro_batch_size)).
     drop_last=False: every sample is used exactly once; a replica's last micro-batch may be
     short and replica counts may differ by one (for evaluation). `num_workers` decoding
-    processes do not change the result.
+    processes do not change the result; `pin_memory` (on CUDA) lets the GPU copy without
+    the host waiting.
     """
     indices = _shard(len(dataset), micro_batch_size, replica, num_replicas, seed, epoch,
                      shuffle, drop_last)
@@ -330,7 +331,7 @@ def micro_batch_loader(dataset: Dataset, micro_batch_size: int, replica: int,
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     return DataLoader(
         _SeededSamples(dataset, seed, epoch), batch_size=micro_batch_size, sampler=indices,
-        num_workers=num_workers, drop_last=drop_last,
+        num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory,
         # The loader draws worker base seeds from this generator, not the global RNG.
         generator=torch.Generator().manual_seed(_derive_seed(seed, epoch, replica)))
 

@@ -117,7 +117,7 @@ def make_task(cfg: CvConfig) -> Task:
         of partition 0, else (None, labels) without decoding an image."""
         args = (dataset, mbs, replica, num_replicas, cfg.seed, epoch)
         if decodes:
-            return micro_batch_loader(*args, num_workers=cfg.num_workers, **order)
+            return micro_batch_loader(*args, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, **order)
         return [(None, labels) for labels in micro_batch_labels(*args, **order)]
 
     def synthetic_data(count: int, replica: int) -> list:

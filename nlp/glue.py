@@ -183,10 +183,11 @@ def synthetic_glue(num_samples: int, seq_len: int, vocab_size: int, num_labels: 
 
 
 class MicroBatches(Sequence):
-    """Micro-batches ((input_ids, token_type_ids, attention_mask), labels), made on access."""
+    """Micro-batches ((input_ids, token_type_ids, attention_mask), labels), made on access,
+    in pinned memory when `pin` (a GPU then copies them without the host waiting)."""
 
-    def __init__(self, tensors, batches: list[np.ndarray]):
-        self._tensors, self._batches = tensors, batches
+    def __init__(self, tensors, batches: list[np.ndarray], pin: bool = False):
+        self._tensors, self._batches, self._pin = tensors, batches, pin
 
     def __len__(self):
         return len(self._batches)
@@ -195,13 +196,14 @@ class MicroBatches(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         idx = torch.from_numpy(self._batches[i])
-        input_ids, token_type_ids, attention_mask, labels = (t[idx].long() for t in self._tensors)
+        input_ids, token_type_ids, attention_mask, labels = (
+            t[idx].long().pin_memory() if self._pin else t[idx].long() for t in self._tensors)
         return (input_ids, token_type_ids, attention_mask), labels
 
 
 def micro_batches(dataset: TensorDataset, micro_batch_size: int, replica: int, num_replicas: int,
                   seed: int, epoch: int, shuffle: bool = True,
-                  drop_last: bool = True) -> MicroBatches:
+                  drop_last: bool = True, pin: bool = False) -> MicroBatches:
     """This replica's micro-batches for one epoch.
 
     The order is a permutation drawn from (seed, epoch), the same on every rank; replicas take
@@ -214,7 +216,7 @@ def micro_batches(dataset: TensorDataset, micro_batch_size: int, replica: int, n
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     shard = replica_share(order, micro_batch_size, replica, num_replicas, drop_last)
     batches = [shard[i:i + micro_batch_size] for i in range(0, len(shard), micro_batch_size)]
-    return MicroBatches(dataset.tensors, batches)
+    return MicroBatches(dataset.tensors, batches, pin)
 
 
 def glue_metrics(task: str, logits, labels) -> dict[str, float]:

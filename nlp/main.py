@@ -120,7 +120,7 @@ def make_task(cfg: NlpConfig) -> Task:
                                    config.vocab_size, spec.num_labels, seed=cfg.seed + replica)
         pool = len(data) // mbs
         return glue.MicroBatches(data.tensors, [np.arange(i % pool * mbs, (i % pool + 1) * mbs)
-                                                for i in range(count)])
+                                                for i in range(count)], cfg.pin_memory)
 
     source = f"from {checkpoint}" if checkpoint else "random init"
     data = "synthetic" if cfg.mode != "train" or cfg.data_dir is None else cfg.data_dir
@@ -133,9 +133,10 @@ def make_task(cfg: NlpConfig) -> Task:
         make_optimizer=lambda params: _adamw(params, cfg.lr, cfg.weight_decay),
         make_lr_scheduler=lambda optimizer, total: _warmup_then_linear_decay(
             optimizer, cfg.warmup_periods, total),
-        train_data=lambda epoch, replica: glue.micro_batches(train, mbs, replica, replicas, cfg.seed, epoch),
+        train_data=lambda epoch, replica: glue.micro_batches(train, mbs, replica, replicas, cfg.seed, epoch,
+                                                             pin=cfg.pin_memory),
         eval_data=lambda replica: {split: glue.micro_batches(dev, mbs, replica, replicas, cfg.seed, 0,
-                                                             shuffle=False, drop_last=False)
+                                                             shuffle=False, drop_last=False, pin=cfg.pin_memory)
                                    for split, dev in evals.items()},
         metrics=lambda split, logits, labels: glue.glue_metrics(cfg.task, logits, labels),
         synthetic_data=synthetic_data,

@@ -15,7 +15,7 @@ import pytest
 
 from wpipe import schedule
 from wpipe.schedule import Topology
-from wpipe.trace import Recorder, parse_span, span_name, timeline_summary
+from wpipe.trace import DeviceClock, Recorder, parse_span, span_name, timeline_summary
 
 from launch import ROOT, run_ok
 
@@ -134,3 +134,37 @@ def test_span_names_are_written_and_read_one_way(name, prefix, op):
 def test_unknown_span_name_is_refused():
     with pytest.raises(ValueError, match="unknown trace event name 'resend 1F0'"):
         parse_span("resend 1F0")
+
+
+class FakeEvent:
+    """A CUDA timing event's interface, on a device clock the test moves by hand (ms)."""
+    device_ms = 0.0
+
+    def record(self):
+        self.at = FakeEvent.device_ms
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return other.at - self.at
+
+
+def test_spans_timed_by_device_events_land_on_the_host_clock():
+    """On a GPU a span holds what the device did: its events' elapsed times, placed after
+    the host time at which the call's first event was recorded (read once, by resolve)."""
+    rec = Recorder(True)
+    rec.clock = DeviceClock(FakeEvent)
+    with rec.span("call", "train"):
+        FakeEvent.device_ms += 2.0          # the host launched 2 ms of work before the op
+        with rec.span("compute", schedule.Op("F", 0, 0)):
+            FakeEvent.device_ms += 5.0
+        with rec.span("wait", "wait recv 1B0"):
+            FakeEvent.device_ms += 1.5      # the stream held by a message
+    host = rec.clock.reference[1]
+    rec.resolve()
+    assert rec.clock.reference is None and all(isinstance(t, float) for e in rec.events for t in e[2:4])
+    spans = {name: (start - host, end - host) for _, name, start, end, _ in rec.events}
+    assert spans["0F0"] == pytest.approx((0.002, 0.007))
+    assert spans["wait recv 1B0"] == pytest.approx((0.007, 0.0085))
+    assert spans["train"] == pytest.approx((0.0, 0.0085))

@@ -48,14 +48,27 @@ def parse_span(name: str) -> tuple[str, Op | None]:
 
 
 class Recorder:
-    """Events of one rank. Times are perf_counter seconds from `origin`. `synchronize`:
-    wait for the GPU at both ends of every span (probe mode's op times)."""
+    """Events of one rank. Times are perf_counter seconds from `origin`.
 
-    def __init__(self, enabled: bool, synchronize: bool = False):
+    How a span is timed (`time_on`): on the host by default; on a GPU by events recorded
+    on the current stream at both ends (what the device did, not when the host launched
+    it: a compute span holds the op's kernels, a wait the time the stream was held), read
+    once per train() call (`resolve`) and placed on the host clock from the call's first
+    event; or, with `synchronize` (probe mode), on the host between two waits for the GPU."""
+
+    def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.synchronize = synchronize
+        self.synchronize = False
+        self.clock = None                # a DeviceClock when spans are timed by GPU events
         self.origin = time.perf_counter()
         self.events: list[tuple[str, str, float, float, dict | None]] = []   # (cat, name, start, end, args)
+
+    def time_on(self, device, synchronize: bool = False) -> None:
+        """Time spans on `device` (a torch.device): by its events on CUDA, unless
+        `synchronize`; on the host otherwise."""
+        if self.enabled and device.type == "cuda":
+            self.synchronize = synchronize
+            self.clock = None if synchronize else DeviceClock()
 
     def set_origin(self, origin: float) -> None:
         """Time zero, in this process's perf_counter seconds."""
@@ -71,12 +84,19 @@ class Recorder:
     @contextmanager
     def _span(self, category, name, args):
         self._synchronize()
-        start = time.perf_counter()
+        start = self.clock.mark() if self.clock else time.perf_counter()
         try:
             yield
         finally:
             self._synchronize()
-            self.events.append((category, str(name), start, time.perf_counter(), args))
+            end = self.clock.mark() if self.clock else time.perf_counter()
+            self.events.append((category, str(name), start, end, args))
+
+    def resolve(self) -> None:
+        """Turn the GPU events recorded since the last call into host seconds (one wait for
+        the last of them); nothing to do when spans are timed on the host."""
+        if self.clock:
+            self.events = self.clock.resolve(self.events)
 
     def _synchronize(self) -> None:
         if self.synchronize:
@@ -94,6 +114,43 @@ class Recorder:
                 event["args"] = args
             out.append(event)
         return out
+
+
+class DeviceClock:
+    """Marks on the current CUDA stream (`mark`: a timing event), converted to host seconds
+    by `resolve`: the first mark since the last resolve stands for the host time at which
+    it was recorded (the device runs it at once when idle, as at the start of a call), and
+    every other mark for that time plus the device time elapsed between the two. `event`
+    makes an event (torch.cuda.Event by default)."""
+
+    def __init__(self, event=None):
+        self.event = event or _timing_event
+        self.reference = None            # (first event since resolve, host seconds then)
+
+    def mark(self):
+        event = self.event()
+        event.record()
+        if self.reference is None:
+            self.reference = (event, time.perf_counter())
+        return event
+
+    def resolve(self, events: list[tuple]) -> list[tuple]:
+        """`events` with every mark replaced by its host seconds."""
+        if self.reference is None:
+            return events
+        first, host = self.reference
+        marks = [e for _, _, start, end, _ in events for e in (start, end) if not isinstance(e, float)]
+        marks[-1].synchronize()
+
+        def seconds(mark):
+            return mark if isinstance(mark, float) else host + first.elapsed_time(mark) / 1e3
+        self.reference = None
+        return [(c, n, seconds(start), seconds(end), a) for c, n, start, end, a in events]
+
+
+def _timing_event():
+    import torch
+    return torch.cuda.Event(enable_timing=True)
 
 
 def common_origin() -> float:

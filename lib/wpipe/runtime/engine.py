@@ -69,7 +69,7 @@ class Pipeline:
         place = self.transport.place
         self.rank, self.replica, self.device_index, self.device = (place.rank, place.replica,
                                                                    place.device_index, place.device)
-        self.trace.synchronize = self.transport.synchronize_ops and self.device.type == "cuda"
+        self.trace.time_on(self.device, synchronize=self.transport.synchronize_ops)
         self.precision = precision.Policy.from_config(cfg, self.device.type)
         self.precision.check_device()
         self.num_partitions = self.topology.num_partitions
@@ -131,6 +131,7 @@ class Pipeline:
             self._run(full, {"F": self._forward, "B": self._backward, "U": self._update})
             with self.trace.span(WAIT, WAIT_SENDS):
                 self.transport.finish()
+        self.trace.resolve()
         self._periods_done += periods
         return [float(s) / self._period for s in self._loss_sum] if self.computes_loss else []
 

@@ -19,9 +19,10 @@ def count(micro_batches) -> int:
 
 
 def to_device(x, device: torch.device):
-    """`x` (a tensor, or a tuple or list of them, or anything else) on `device`."""
+    """`x` (a tensor, or a tuple or list of them, or anything else) on `device`, copied
+    without waiting (from pinned memory the host goes on at once: the loaders pin on CUDA)."""
     if torch.is_tensor(x):
-        return x.to(device)
+        return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device) for v in x)
     return x
@@ -43,8 +44,7 @@ class Feed:
         inputs = self._item(mb)[0]
         if not keep_target:
             del self.items[mb]
-        inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        return tuple(x.to(self.device) for x in inputs)
+        return tuple(to_device(inputs if isinstance(inputs, (tuple, list)) else (inputs,), self.device))
 
     def target(self, mb: int, keep: bool = False):
         """Micro-batch `mb`'s target on the device; `keep` it for a later call (the

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PipelineConfig
+from ..runtime.distributed import resolve_backends, run_device
 from . import nonfinite
 
 MODES = ("train", "throughput", "probe")
@@ -78,6 +79,12 @@ class TrainConfig(PipelineConfig):
             raise ValueError(f"on_nonfinite must be one of {', '.join(nonfinite.MODES)}, got {self.on_nonfinite!r}")
         if self.resume is not None and self.mode != "train":
             raise ValueError(f"resume applies to mode train, not {self.mode}: drop resume or use mode train")
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the loaders pin micro-batches: this run computes on a GPU."""
+        backend, _ = resolve_backends(self.backend, self.p2p_backend)
+        return run_device(backend, self.p2p_backend).type == "cuda"
 
     @property
     def checkpoint_root(self) -> Path:

@@ -1,6 +1,7 @@
-"""Point-to-point streams whose shapes change (comm.py's filler path): training whose
-micro-batch size changes between train() calls, and an evaluation whose sizes change
-from one micro-batch to the next, equal the single-process reference exactly."""
+"""Point-to-point streams whose shapes change (transport.py: the filler path over gloo, the
+receives posted when taken over nccl_emulated): training whose micro-batch size changes
+between train() calls, and an evaluation whose sizes change from one micro-batch to the
+next, equal the single-process reference exactly."""
 import glob
 
 import pytest
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.distributed
 WORKER = ROOT / "tests" / "workers" / "comm_cases.py"
 
 
-@pytest.mark.parametrize("method", ["wpipe", "pipedream_2bw"])
-def test_changing_shapes_match_reference(tmp_path, method):
-    run_ok(WORKER, 2, [tmp_path, method], timeout=180)
+@pytest.mark.parametrize("method, p2p_backend", [("wpipe", "auto"), ("pipedream_2bw", "auto"),
+                                                 ("wpipe", "nccl_emulated")])
+def test_changing_shapes_match_reference(tmp_path, method, p2p_backend):
+    run_ok(WORKER, 2, [tmp_path, method, p2p_backend], timeout=180)
     n = schedule.num_partitions(method, 2)
     partitions = [toy.build_partition(i, n) for i in range(n)]
     period = schedule.default_period(method, 2)

@@ -19,8 +19,6 @@ from launch import ROOT
     ({"p2p_backend": "nccl_emulated", "backend": "nccl"},
      r"p2p_backend nccl_emulated runs on gloo, got backend nccl: set backend gloo or null"),
     ({"communicators": "early"}, r"communicators must be eager or lazy, got 'early'"),
-    ({"rendezvous_sends": True},
-     r"rendezvous_sends emulates NCCL's sends: it needs p2p_backend nccl_emulated, got 'auto'"),
 ])
 def test_bad_nccl_settings_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -59,20 +59,17 @@ class PipelineConfig:
     """auto, nccl, gloo or nccl_emulated: how point-to-point tensors travel. gloo: through
     (pinned) CPU buffers, so several ranks may share one GPU (every collective then runs on
     gloo too, unless backend is nccl); nccl: GPU to GPU, one GPU per rank; nccl_emulated:
-    gloo carries the bytes under NCCL's host-visible rules (communicators created at first
-    use unless created up front, optional rendezvous sends, receives posted when their op
-    runs), so a laptop shows whether the run would deadlock on GPUs (docs/nccl.md); auto:
-    nccl when the backend is nccl, else gloo."""
+    gloo carries the bytes under NCCL's host-visible rules (a communicator created at its
+    first use, which waits for every member's, unless created up front; sends that complete
+    once received; receives posted when their op runs), so a laptop shows whether the run
+    would deadlock on GPUs (docs/nccl.md); auto: nccl when the backend is nccl, else gloo."""
     communicators: str = "eager"
     """eager or lazy: when the communicators of the data path (every stream's data group,
     every data-parallel group) are created under nccl and nccl_emulated. eager: at start-up,
-    in one global order (the GPU bound to the process group, and one small exchange per
-    group), so no message waits for a creation; lazy: at first use, NCCL's default, where a
-    first use waits for every member's: wpipe then deadlocks once a call spans two periods
-    (kept to show it: runs under lazy are not checked for deadlock). No effect with gloo."""
-    rendezvous_sends: bool = False
-    """nccl_emulated: a send completes only once the receiver posted the matching receive,
-    as NCCL's do (the rank waits for that at the end of a call); false: at once."""
+    in one global order (one small exchange per group), so no message waits for a creation;
+    lazy: at first use, NCCL's default, where a first use waits for every member's: wpipe
+    then deadlocks once a call spans two periods (kept to show it: runs under lazy are not
+    checked for deadlock). No effect with gloo."""
     loss_scale_init: float = 65536.0
     """fp16: the loss scale of the first period."""
     loss_scale_growth_interval: int = 2000
@@ -120,9 +117,6 @@ class PipelineConfig:
             raise ValueError("p2p_backend nccl_emulated runs on gloo, got backend nccl: set backend gloo or null")
         if self.communicators not in COMMUNICATORS:
             raise ValueError(f"communicators must be eager or lazy, got {self.communicators!r}")
-        if self.rendezvous_sends is not False and self.p2p_backend != "nccl_emulated":
-            raise ValueError(f"rendezvous_sends emulates NCCL's sends: it needs p2p_backend nccl_emulated, got "
-                             f"{self.p2p_backend!r} (sends over real NCCL are rendezvous already)")
         if self.communicators == "lazy" and self.p2p_backend in ("nccl", "nccl_emulated", "auto"):
             warnings.warn("communicators lazy: NCCL creates each communicator at its first use, which waits for "
                           "every member's; wpipe deadlocks once a call spans two periods, and the run is not "

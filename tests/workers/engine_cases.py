@@ -5,8 +5,7 @@ flags: 'recompute', 'twice' (train() called twice, periods each), 'resume' (the 
 call on a new Pipeline loaded with the first one's state_dict), 'm<K>' (K micro-batches
 per update), the precision flags of toy.precision_fields (a float32 model under autocast),
 'cuda' (ranks on the GPU, sharing it, point to point through gloo: p2p_backend gloo),
-'emulated' (p2p_backend nccl_emulated: NCCL's rules on gloo), 'rendezvous' (with it,
-rendezvous sends).
+'emulated' (p2p_backend nccl_emulated: NCCL's rules on gloo).
 Writes OUT_DIR/<case>.rank<r>.pt with the local partitions' state dicts and the losses.
 """
 import os
@@ -30,7 +29,7 @@ def run_case(out_dir: str, case: str) -> None:
     cfg = wpipe.PipelineConfig(method=method, pipeline_depth=int(depth), data_parallel=int(dp),
                                rank_layout=layout, timeout_s=60, recompute="recompute" in flags,
                                micro_batches_per_update=period, **toy.precision_fields(flags),
-                               p2p_backend=p2p_backend(flags), rendezvous_sends="rendezvous" in flags)
+                               p2p_backend=p2p_backend(flags))
     num_partitions = wpipe.schedule.num_partitions(method, int(depth))
     dtype = toy.model_dtype(flags)
     pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions).to(dtype), toy.loss_fn,

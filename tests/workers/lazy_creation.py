@@ -20,7 +20,7 @@ TIMEOUT_S = 3
 if __name__ == "__main__":
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")   # communicators lazy warns that it may deadlock: that is the point
-    wpipe.init_distributed(timeout_s=60, p2p_backend="nccl_emulated", communicators=sys.argv[1])
+    wpipe.init_distributed(timeout_s=60, p2p_backend="nccl_emulated")
     cfg = wpipe.PipelineConfig(method="wpipe", pipeline_depth=2, timeout_s=TIMEOUT_S, p2p_backend="nccl_emulated",
                                communicators=sys.argv[1])
     pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, 4), toy.loss_fn, toy.OPTIMIZERS["sgd"], cfg)

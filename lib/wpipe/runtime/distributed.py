@@ -5,12 +5,13 @@ the same arguments so that the groups are created in the same order everywhere
 (torch.distributed requires it). The arithmetic (which rank holds what) is
 `wpipe.schedule.topology.Topology`.
 
-Communicators are created up front, in one global order (docs/nccl.md): `init_distributed`
-binds the rank's GPU to the process group (`device_id`: torch then creates NCCL
-communicators at init_process_group and new_group, and point-to-point uses each group's
-own), and `connect` uses every stream's data group and every data-parallel group once
-(`warm_up`), so that no first message waits for its communicator's creation, which NCCL
-makes a meeting of all its members.
+Communicators are created up front, in one global order (docs/nccl.md): `connect` uses
+every stream's data group and every data-parallel group once (`warm_up`), so that no first
+message waits for its communicator's creation, which NCCL makes a meeting of all its
+members. The GPU is not bound to the process group (`device_id`), which would create them
+eagerly too: with a bound device, torch makes every rank that is not a member of a new
+group take part in an NCCL communicator split, also for the gloo groups this module
+makes, whose members do not, and new_group then hangs (pytorch#145376).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import inspect
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -123,17 +124,18 @@ def connect(cfg, topology: Topology, trace: Recorder) -> Links:
         replicas = [topology.rank_of(r, device_index) for r in range(topology.data_parallel)]
         args = (groups.data_parallel, replicas, torch.device("cpu") if backend == "gloo" else device, rank,
                 cfg.timeout_s)
-        mean = EmulatedMean(*args, lazy=lazy) if emulated else GradientMean(*args)
-    rules = comms.GLOO if p2p_backend == "gloo" else None if lazy else comms.NCCL
+        mean = EmulatedMean(*args) if emulated else GradientMean(*args)
+    posting = "ahead" if p2p_backend == "gloo" else "taken"     # over NCCL: transport.py says why
+    # What the engine proves each call under: NCCL's rules at their worst, with the warm-up
+    # and this posting (nothing under lazy creation, where wpipe deadlocks).
+    rules = comms.GLOO if p2p_backend == "gloo" else None if lazy else replace(comms.NCCL, posting=posting)
     common = dict(trace=trace, wire=Wire(cfg.wire_dtype), stage=p2p_backend != "nccl" and device.type == "cuda",
-                  p2p_backend=p2p_backend, mean=mean, rules=rules)
+                  p2p_backend=p2p_backend, mean=mean, posting=posting, rules=rules)
     place = Place(rank, replica, device_index, device)
     if emulated:
-        links = EmulatedLinks(place, groups.streams, cfg.timeout_s, lazy=lazy, rendezvous=cfg.rendezvous_sends,
-                              **common)
+        links = EmulatedLinks(place, groups.streams, cfg.timeout_s, **common)
     else:
-        links = Links(place, groups.streams, cfg.timeout_s, posting="ahead" if p2p_backend == "gloo" else "taken",
-                      **common)
+        links = Links(place, groups.streams, cfg.timeout_s, **common)
     if p2p_backend != "gloo" and not lazy:
         warm_up(links, mean)
     if cfg.trace:
@@ -219,15 +221,12 @@ def gpus_shared(local_ranks: int, visible_gpus: int, cuda_visible_devices: str |
             f"p2p_backend gloo (and backend gloo or null) to share GPUs")
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 300.0, p2p_backend: str = "auto",
-                     communicators: str = "eager") -> str:
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0, p2p_backend: str = "auto") -> str:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with the backends of `resolve_backends`, and
-    select this rank's GPU when it computes on one (`run_device`). With NCCL and
-    `communicators` eager, the GPU is bound to the process group (`device_id`, where this
-    torch takes it): communicators are created at once, not at their first use. Refuses a
-    node whose GPUs torch cannot use (`cuda_unusable`) and ranks that would share a GPU
-    under NCCL (`gpus_shared`). Returns the backend."""
+    select this rank's GPU when it computes on one (`run_device`). Refuses a node whose
+    GPUs torch cannot use (`cuda_unusable`) and ranks that would share a GPU under NCCL
+    (`gpus_shared`). Returns the backend."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not set: launch with torchrun "
@@ -249,10 +248,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0, p2p_b
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        kwargs = {"timeout": timedelta(seconds=timeout_s)}
-        if (backend == "nccl" and communicators == "eager"
-                and "device_id" in inspect.signature(dist.init_process_group).parameters):
-            kwargs["device_id"] = device
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun's static rendezvous (--master_addr/--master_port) keeps one store
@@ -262,7 +257,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0, p2p_b
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                 is_master=False, timeout=timedelta(seconds=timeout_s)))
             dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]), **kwargs)
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
         else:
-            dist.init_process_group(backend, **kwargs)
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return backend

@@ -65,8 +65,9 @@ class Rules:
                 f"{self.kernels} kernels, receives posted {self.posting}")
 
 
-GLOO = Rules()
-"""gloo: groups are connected when they are made; sends and receives never hold the host."""
+GLOO = Rules(sends="rendezvous")
+"""gloo: groups are connected when they are made; a send completes once its receive is
+posted (gloo moves the payload only then); a posted receive never holds the host."""
 NCCL = Rules(creation="lazy", warm_up=True, sends="rendezvous", kernels="blocking", posting="taken")
 """The transport over NCCL (and nccl_emulated), under NCCL's rules at their worst: lazy
 creation made harmless by the warm-up, rendezvous sends, kernels that may hold the host."""

@@ -93,7 +93,7 @@ def setup(config_class: type, make_task: Callable, argv: Sequence[str] | None = 
     if cfg.mode == "probe":   # a plain process: no process group
         return lambda: probe.run(cfg, task, total_periods)
     owns_group = not dist.is_initialized()
-    backend = init_distributed(cfg.backend, cfg.timeout_s, cfg.p2p_backend, cfg.communicators)
+    backend = init_distributed(cfg.backend, cfg.timeout_s, cfg.p2p_backend)
     guard = nonfinite.Guard(cfg.on_nonfinite, cfg.period)
     build_partition = task.build_partition
     if task.measure_block_costs is not None:   # timings differ per process: all cut by rank 0's

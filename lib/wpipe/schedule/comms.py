@@ -74,11 +74,12 @@ creation made harmless by the warm-up, rendezvous sends, kernels that may hold t
 
 
 class Action(NamedTuple):
-    """One thing a device's host does during its op `step` (-1: at start-up). `subject`: a
-    message key and the call it belongs to (post, await, take, send), (partition, update) (start, reduce: the
-    data-parallel all-reduce), a communicator of the rank's replica (meet: ("stream", kind,
-    partition) or ("replicas",)), or the keys the call sent (finish). `first_use`: under
-    lazy creation, the communicator this action is the rank's first use of."""
+    """One thing a device's host does during its op `step` (-1: at start-up) of call
+    `call`. `subject`: a message key and its call (post, await, take, send), (partition,
+    update) (start, reduce: the data-parallel all-reduce), a communicator of the rank's
+    replica (meet: ("stream", kind, partition) or ("replicas",)), or the messages the call
+    sent (finish). `first_use`: under lazy creation, the communicator this action is the
+    rank's first use of."""
     what: str          # meet, post, await, take, send, start, reduce, finish
     step: int
     subject: object = None
@@ -146,7 +147,7 @@ def _call(ops: list[Op], topology: Topology, rules: Rules, call: int, receives, 
     for m in expected:
         queue.setdefault(m[:2], []).append(m)
     posted: set[Key] = set()
-    early: set[Key] = set()          # taken (the transport keeps one taken before it is asked for)
+    received: set[Key] = set()       # taken from the stream (kept when it came before it was asked for)
     sent: list[tuple] = []
     pending: set[int] = set()
 
@@ -182,12 +183,12 @@ def _call(ops: list[Op], topology: Topology, rules: Rules, call: int, receives, 
             pending.discard(op.partition)
             reduce(i, op.partition, updates[op.partition] - 1)
         m = receives[i]
-        while m is not None and m not in early:    # a stream's earlier messages first (FIFO), kept
+        while m is not None and m not in received:    # a stream's earlier messages first (FIFO)
             head = queue[m[:2]].pop(0)
             if head not in posted:
                 post(i, head, ahead=False)
             act("take", i, head + (call,))
-            early.add(head)
+            received.add(head)
             known.add(m[:2])
             post_ahead(i)
         if sends[i] is not None:

@@ -93,7 +93,7 @@ def test_unknown_key_names_key_source_and_valid_keys(tmp_path):
                                          rf"valid keys: {valid}$"):
         load_config(PipelineConfig, path)
     with pytest.raises(ValueError, match=r"^overrides: unknown config key 'depth'; valid keys: backend, "
-                                         r"data_parallel, .*\bmethod, micro_batches_per_update, .*\bpipeline_depth"):
+                                         r".*\bdata_parallel, .*\bmethod, micro_batches_per_update, .*\bpipeline_depth"):
         load_config(PipelineConfig, None, {"depth": "4"})
 
 

@@ -39,6 +39,20 @@ def case(method, depth, dp, optimizer="sgd", layout="pipeline_major", periods=3,
     return ":".join([method, str(depth), str(dp), layout, optimizer, str(periods), *flags])
 
 
+# Under NCCL's rules on gloo (p2p_backend nccl_emulated: each communicator created at its
+# first use, here the warm-up; receives posted when their op runs; sends complete once received).
+EMULATED_TWO = (
+    [case(m, 2, 1, opt, flags=("emulated",)) for m in METHODS for opt in ("sgd", "adam")]
+    + [case("data_parallel", 1, 2, "adam", flags=("emulated",)),
+       case("wpipe", 2, 1, "adam", periods=2, flags=("emulated", "twice")),
+       case("wpipe", 2, 1, flags=("emulated", "recompute", "wire_fp16"))]
+)
+EMULATED_FOUR = (
+    [case(m, 4, 1, flags=("emulated",)) for m in METHODS] + [case("wpipe", 4, 1, "adam", flags=("emulated",))]
+    + [case(m, 2, 2, layout=layout, flags=("emulated",)) for m in METHODS
+       for layout in ("pipeline_major", "replica_major")]
+)
+
 TWO_PROCESSES = (
     [case(m, 2, 1, opt) for m in METHODS for opt in ("sgd", "adam")]
     + [case("data_parallel", 1, 2, opt) for opt in ("sgd", "adam")]
@@ -61,6 +75,7 @@ TWO_PROCESSES = (
        case("data_parallel", 1, 2, "adam", periods=6, flags=FP16_OVERFLOWS),
        case("wpipe", 2, 1, "adam", flags=("bf16",)),
        case("pipedream_flush", 2, 1, "adam", flags=("bf16", "recompute"))]
+    + EMULATED_TWO
 )
 FOUR_PROCESSES = (
     [case(m, 4, 1) for m in METHODS] + [case("wpipe", 4, 1, "adam")]
@@ -68,6 +83,7 @@ FOUR_PROCESSES = (
     + [case("wpipe", 2, 2, "adam", layout="replica_major"),
        case("wpipe", 4, 1, "adam", periods=8, flags=FP16_OVERFLOWS),
        case("wpipe", 2, 2, "adam", periods=8, flags=(*FP16_OVERFLOWS, "wire_fp16"))]
+    + EMULATED_FOUR
 )
 # Ranks sharing one GPU, point to point staged through pinned CPU buffers (p2p_backend gloo).
 CUDA_TWO = [case(m, 2, 1, "adam", flags=("cuda",)) for m in METHODS] + [case("data_parallel", 1, 2, flags=("cuda",))]
@@ -236,6 +252,7 @@ def test_failing_stage_is_reported_in_process(single_process_group):
 # ---------------------------------------------------------------- a rank that stops
 
 FAILING = ROOT / "tests" / "workers" / "failing_rank.py"
+LAZY = ROOT / "tests" / "workers" / "lazy_creation.py"
 
 
 @pytest.mark.distributed
@@ -251,6 +268,20 @@ def test_stuck_rank_times_out_with_a_clear_message():
 def test_dead_rank_fails_the_launch():
     code, out = torchrun(FAILING, 2, ["exit"], timeout=120)
     assert code != 0, out[-4000:]
+
+
+@pytest.mark.distributed
+def test_lazy_communicator_creation_deadlocks_wpipe():
+    """NCCL's default, emulated: a communicator is created at its first use, which waits
+    for every member's. wpipe at depth 2 in one call of three periods: rank 0 blocks in
+    2B0, sending the first message of stream B2, while rank 1 waits in 1F2 for 0F2's
+    output; each rank's timeout names its op and the rank it waited for. communicators
+    eager (the default) runs this call: the emulated cases above."""
+    code, out = torchrun(LAZY, 2, ["lazy"], timeout=120)
+    assert code != 0, out[-4000:]
+    assert ("rank 0, op 2B0: its first use of the data group of stream B2 waited for rank 1's first use, which "
+            "did not come within 3 s (NCCL creates a communicator at its first use") in out, out[-4000:]
+    assert "rank 1, op 1F2: waited for the header of the output of op 0F2 from rank 0 and none came within 3 s" in out
 
 
 def test_fp16_cases_overflow_skip_and_regrow():

@@ -123,7 +123,7 @@ def test_reference_autocasts_each_partition_and_computes_the_loss_in_fp32(name):
 @pytest.mark.parametrize("fields, message", [
     ({"precision": "fp8"}, r"precision must be one of fp32, bf16, fp16, got 'fp8'"),
     ({"wire_dtype": "int8"}, r"wire_dtype must be fp16, bf16 or null \(no cast\), got 'int8'"),
-    ({"p2p_backend": "mpi"}, r"p2p_backend must be one of auto, nccl, gloo, got 'mpi'"),
+    ({"p2p_backend": "mpi"}, r"p2p_backend must be one of auto, nccl, gloo, nccl_emulated, got 'mpi'"),
     ({"p2p_backend": "nccl", "backend": "gloo"}, r"p2p_backend nccl needs backend nccl or null, got backend gloo"),
     ({"loss_scale_init": 0.0}, r"loss_scale_init must be a finite number > 0, got 0.0"),
     ({"loss_scale_growth_interval": 0}, r"loss_scale_growth_interval must be an integer >= 1 \(periods\), got 0"),

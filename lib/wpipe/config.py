@@ -19,7 +19,8 @@ RANK_LAYOUTS = ("pipeline_major", "replica_major")
 BACKENDS = (None, "gloo", "nccl")
 PRECISIONS = ("fp32", "bf16", "fp16")
 WIRE_DTYPES = (None, "fp16", "bf16")
-P2P_BACKENDS = ("auto", "nccl", "gloo")
+P2P_BACKENDS = ("auto", "nccl", "gloo", "nccl_emulated")
+COMMUNICATORS = ("eager", "lazy")
 
 
 @dataclass
@@ -55,10 +56,20 @@ class PipelineConfig:
     """null, fp16 or bf16: float32/float64 tensors travel point to point in this dtype and
     are cast back on arrival (fp16 with a power-of-two scale per tensor)."""
     p2p_backend: str = "auto"
-    """auto, nccl or gloo: how point-to-point tensors travel. gloo: through (pinned) CPU
-    buffers, so several ranks may share one GPU (every collective then runs on gloo too,
-    unless backend is nccl); nccl: GPU to GPU, one GPU per rank; auto: nccl when the
-    backend is nccl, else gloo."""
+    """auto, nccl, gloo or nccl_emulated: how point-to-point tensors travel. gloo: through
+    (pinned) CPU buffers, so several ranks may share one GPU (every collective then runs on
+    gloo too, unless backend is nccl); nccl: GPU to GPU, one GPU per rank; nccl_emulated:
+    gloo carries the bytes under NCCL's host-visible rules (a communicator created at its
+    first use, which waits for every member's, unless created up front; sends that complete
+    once received; receives posted when their op runs), so a laptop shows whether the run
+    would deadlock on GPUs (docs/nccl.md); auto: nccl when the backend is nccl, else gloo."""
+    communicators: str = "eager"
+    """eager or lazy: when the communicators of the data path (every stream's data group,
+    every data-parallel group) are created under nccl and nccl_emulated. eager: at start-up,
+    in one global order (one small exchange per group), so no message waits for a creation;
+    lazy: at first use, NCCL's default, where a first use waits for every member's: wpipe
+    then deadlocks once a call spans two periods (kept to show it: runs under lazy are not
+    checked for deadlock). No effect with gloo."""
     loss_scale_init: float = 65536.0
     """fp16: the loss scale of the first period."""
     loss_scale_growth_interval: int = 2000
@@ -102,6 +113,14 @@ class PipelineConfig:
         if self.p2p_backend == "nccl" and self.backend == "gloo":
             raise ValueError("p2p_backend nccl needs backend nccl or null, got backend gloo: set "
                              "p2p_backend gloo (or auto) to run on gloo")
+        if self.p2p_backend == "nccl_emulated" and self.backend == "nccl":
+            raise ValueError("p2p_backend nccl_emulated runs on gloo, got backend nccl: set backend gloo or null")
+        if self.communicators not in COMMUNICATORS:
+            raise ValueError(f"communicators must be eager or lazy, got {self.communicators!r}")
+        if self.communicators == "lazy" and self.p2p_backend in ("nccl", "nccl_emulated", "auto"):
+            warnings.warn("communicators lazy: NCCL creates each communicator at its first use, which waits for "
+                          "every member's; wpipe deadlocks once a call spans two periods, and the run is not "
+                          "checked for it (docs/nccl.md)", stacklevel=4)
         if not (isinstance(self.loss_scale_init, (int, float)) and 0 < self.loss_scale_init < math.inf):
             raise ValueError(f"loss_scale_init must be a finite number > 0, got {self.loss_scale_init!r}")
         if not isinstance(self.loss_scale_growth_interval, int) or self.loss_scale_growth_interval < 1:

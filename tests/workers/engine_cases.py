@@ -4,7 +4,8 @@ Usage: engine_cases.py OUT_DIR CASE [CASE ...], CASE = method:depth:dp:layout:op
 flags: 'recompute', 'twice' (train() called twice, periods each), 'resume' (the second
 call on a new Pipeline loaded with the first one's state_dict), 'm<K>' (K micro-batches
 per update), the precision flags of toy.precision_fields (a float32 model under autocast),
-'cuda' (ranks on the GPU, sharing it, point to point through gloo: p2p_backend gloo).
+'cuda' (ranks on the GPU, sharing it, point to point through gloo: p2p_backend gloo),
+'emulated' (p2p_backend nccl_emulated: NCCL's rules on gloo).
 Writes OUT_DIR/<case>.rank<r>.pt with the local partitions' state dicts and the losses.
 """
 import os
@@ -18,13 +19,17 @@ import wpipe  # noqa: E402
 import toy  # noqa: E402
 
 
+def p2p_backend(flags) -> str:
+    return "gloo" if "cuda" in flags else "nccl_emulated" if "emulated" in flags else "auto"
+
+
 def run_case(out_dir: str, case: str) -> None:
     method, depth, dp, layout, optimizer, periods, *flags = case.split(":")
     period = next((int(f[1:]) for f in flags if f.startswith("m")), None)
     cfg = wpipe.PipelineConfig(method=method, pipeline_depth=int(depth), data_parallel=int(dp),
                                rank_layout=layout, timeout_s=60, recompute="recompute" in flags,
                                micro_batches_per_update=period, **toy.precision_fields(flags),
-                               p2p_backend="gloo" if "cuda" in flags else "auto")
+                               p2p_backend=p2p_backend(flags))
     num_partitions = wpipe.schedule.num_partitions(method, int(depth))
     dtype = toy.model_dtype(flags)
     pipe = wpipe.Pipeline(lambda i: toy.build_partition(i, num_partitions).to(dtype), toy.loss_fn,

@@ -223,7 +223,8 @@ class Pipeline:
         checked = min(total, 8 * period)
         check_schedule(full if checked == total else
                        schedule.build_schedule(cfg.method, cfg.pipeline_depth, checked, period),
-                       cfg.method, cfg.pipeline_depth, checked, period)
+                       cfg.method, cfg.pipeline_depth, checked, period,
+                       topology=self.topology, rules=self.transport.rules)
         self._period = period
         ops = full[self.device_index]
         stale = schedule.get_method(cfg.method).stale

@@ -65,6 +65,7 @@ class Loopback:
     p2p_backend = "loopback"
     mean = None
     synchronize_ops = True
+    rules = None            # no peers: no communication to prove
 
     def __init__(self, topology: Topology, device_index: int, outputs: list[list[Spec]],
                  device: torch.device, seed: int = 0):

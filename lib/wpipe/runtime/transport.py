@@ -28,13 +28,30 @@ changes (a last, smaller batch). On the wire, per message and in this order:
 Tensors travel as the `wire` casts them (wire.Wire: float32/float64 in fp16 or bf16
 when wire_dtype is set) and are cast back on arrival: the metadata holds both dtypes.
 
-Receives are posted ahead. The engine tells its links, per call, the keys each stream
-will carry (`Links.expect`; they follow from the schedule). Each incoming stream keeps
-the receives of its next message posted: the header, and the tensors with the stream's
-known metadata, so that a message travels while the receiver still computes, and taking
-it is one wait rather than a header round trip and then a second wait. The sender
-mirrors what the receiver knows, so it sends the filler exactly when the receiver posted
-receives of the old shapes.
+Receives are posted ahead where that is safe. The engine tells its links, per call, the
+keys each stream will carry (`Links.expect`; they follow from the schedule). Each incoming
+stream keeps the receive of its next message's header posted (gloo, on the CPU: a posted
+receive there holds nothing). Its tensors (`posting`):
+
+* `ahead` (gloo data groups): posted with the stream's known metadata as soon as the
+  previous message was taken, so that a message travels while the receiver still
+  computes, and taking it is one wait rather than a header round trip and then a second
+  wait. The sender mirrors what the receiver knows, so it sends the filler exactly when
+  the receiver posted receives of the old shapes.
+* `taken` (NCCL, and nccl_emulated): posted when the op that needs them is about to run,
+  after its header. An NCCL receive is a kernel that waits on the GPU for its data, and a
+  device-wide synchronisation (the caching allocator freeing memory, for one) waits for
+  every kernel, so a receive posted ahead may hold the host where it was posted, and the
+  message it waits for may need what this rank has yet to do (NCCL's "Using multiple NCCL
+  communicators concurrently"); posted for the op about to run, it needs only what ran
+  before. No receive of old shapes is ever posted, so no filler is sent. On a GPU the host
+  runs ahead of the device: the receive is still queued before the previous op's kernels
+  end, so the message travels while they run.
+
+`schedule.comms` replays these rules (`rules`, which the engine hands to check_schedule)
+and proves every schedule free of deadlock under them, NCCL's communicator creation
+included: each data group (and data-parallel group) is used once at start-up, in one
+global order (`warm_up`), so that no first message waits for its communicator's creation.
 
 Every wait has a timeout and fails with `CommError` naming both ranks, the message and
 the likely cause.
@@ -51,6 +68,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CommError
+from ..schedule.comms import Rules
 from ..trace import WAIT, WAIT_RECV, span_name
 from .precision import Agreement, LossScaler
 from .updates import GradientMean
@@ -74,9 +92,10 @@ class Place:
 
 class Transport(Protocol):
     place: Place
-    p2p_backend: str                 # how tensors travel (reports): nccl, gloo, loopback
+    p2p_backend: str                 # how tensors travel (reports): nccl, gloo, nccl_emulated, loopback
     mean: GradientMean | None        # the mean of gradients over the replicas, or None
     synchronize_ops: bool            # time every op to the device's end (probe mode)
+    rules: Rules | None              # what its communication is proven under (schedule.comms), or None
 
     def expect(self, keys: list[Key]) -> None:
         """The keys this rank will receive in the coming call, each stream's in its order."""
@@ -108,18 +127,22 @@ class _Posted:
 
 class Links:
     """This rank's ends of its streams (a `Transport`). `streams[(kind, partition)]` =
-    (source rank, destination rank, control group, data group), as in distributed.Groups.
-    Received tensors land on `place.device`; with `stage`, CUDA tensors travel through
-    pinned CPU buffers (gloo data groups cannot carry CUDA tensors point to point). `wire`
-    casts them on the way."""
+    (source rank, destination rank, control group, data group), as in distributed.Groups,
+    in `Topology.streams()` order. Received tensors land on `place.device`; with `stage`,
+    CUDA tensors travel through pinned CPU buffers (gloo data groups cannot carry CUDA
+    tensors point to point). `wire` casts them on the way. `posting`: when the receives of
+    a message's tensors are posted (the module docstring); `rules`: what the engine proves
+    the schedule under."""
 
     synchronize_ops = False
 
     def __init__(self, place: Place, streams: dict, timeout_s: float, trace=None, wire: Wire | None = None,
-                 stage: bool = False, p2p_backend: str = "gloo", mean: GradientMean | None = None):
+                 stage: bool = False, p2p_backend: str = "gloo", mean: GradientMean | None = None,
+                 posting: str = "ahead", rules: Rules | None = None):
         self.place, self.rank, self.device = place, place.rank, place.device
         self.streams = streams
         self.p2p_backend, self.mean = p2p_backend, mean
+        self.posting, self.rules = posting, rules
         self.wire = wire or Wire(None)
         self.stage = stage
         self.wire_device = torch.device("cpu") if stage else place.device
@@ -162,16 +185,37 @@ class Links:
         what = f"{_name(key)} to rank {dst}"
         self.in_flight.append((dist.isend(header, dst, group=control), header, what))
         if changed:
-            if known is not None:   # the receiver posted receives of the old shapes
-                for dtype, _, _, shape in decode_metadata(known):
-                    filler = torch.empty(shape, dtype=dtype, device=self.wire_device)
-                    self.in_flight.append((dist.isend(filler, dst, group=data), filler, what))
+            if known is not None and self.posting == "ahead":   # the receiver posted receives of the old shapes
+                self._send_data(stream, tuple(torch.empty(shape, dtype=dtype, device=self.wire_device)
+                                              for dtype, _, _, shape in decode_metadata(known)), what, _op(key))
             meta_tensor = torch.tensor(meta)
             self.in_flight.append((dist.isend(meta_tensor, dst, group=control), meta_tensor, what))
             self.metadata[stream] = meta
+        self._send_data(stream, tensors, what, _op(key))
+        self._reap()
+
+    def _send_data(self, stream, tensors: tuple[torch.Tensor, ...], what: str, waiter: str) -> None:
+        """Start sending `tensors` on the data group of `stream` (`waiter`: the op sending)."""
+        _, dst, _, data = self.streams[stream]
         for t in tensors:
             self.in_flight.append((dist.isend(t, dst, group=data), t, what))
-        self._reap()
+
+    def warm_up(self) -> None:
+        """Use every stream's data group once, in `streams` order (Topology.streams(): the
+        same on every rank), by one small message from its source to its destination: a
+        communicator created lazily (NCCL's) is then created here, every rank meeting its
+        peers in one global order, which cannot deadlock, rather than at a first message
+        that meets its receiver only when the receiver's op takes it. A collective over the
+        ranks of each stream."""
+        for stream, (src, dst, _, _) in self.streams.items():
+            token = torch.zeros(1, device=self.wire_device)
+            what = f"the warm-up message of stream {stream[0]}{stream[1]}"
+            if self.rank == src:
+                self._send_data(stream, (token,), f"{what} to rank {dst}", "start-up")
+                self.finish("start-up")
+            else:
+                (token,), (work,) = self._recv_data(stream, [(token.dtype, None, False, (1,))], "start-up")
+                self._wait(work, src, None, "start-up", what)
 
     def recv(self, key: tuple[str, int, int], waiter: str) -> tuple[torch.Tensor, ...]:
         """Receive the message `key`; `waiter` names the op that needs it, for errors and
@@ -209,19 +253,22 @@ class Links:
         if not self.expected.get(stream):
             return
         key = self.expected[stream].pop(0)
-        src, _, control, data = self.streams[stream]
+        src, _, control, _ = self.streams[stream]
         header = torch.empty(4, dtype=torch.int64)
         header_work = dist.irecv(header, src, group=control)
         tensors = works = None
-        if stream in self.metadata:
-            tensors, works = self._post_tensors(src, data, decode_metadata(self.metadata[stream]))
+        if stream in self.metadata and self.posting == "ahead":
+            tensors, works = self._recv_data(stream, decode_metadata(self.metadata[stream]), _op(key))
         self.posted[stream] = _Posted(key, header, header_work, tensors, works)
 
-    def _post_tensors(self, src, group, meta):
+    def _recv_data(self, stream, meta: list, waiter: str) -> tuple[list[torch.Tensor], list]:
+        """Post the receives of tensors of metadata `meta` on the data group of `stream`
+        (`waiter`: the op that will take them); return the tensors and their works."""
+        src, _, _, data = self.streams[stream]
         pin = self.stage and self.device.type == "cuda"
         tensors = [torch.empty(shape, dtype=dtype, device=self.wire_device, pin_memory=pin)
                    for dtype, _, _, shape in meta]
-        return tensors, [dist.irecv(t, src, group=group) for t in tensors]
+        return tensors, [dist.irecv(t, src, group=data) for t in tensors]
 
     def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
         """`t` as the data group carries it: contiguous, in a pinned CPU buffer when staged."""
@@ -238,7 +285,7 @@ class Links:
         if posted is None:
             raise CommError(f"rank {self.rank}, op {waiter}: {_name(wanted)} is not among the messages "
                             f"the schedule says this rank receives in this call")
-        src, _, control, data = self.streams[stream]
+        src, _, control, _ = self.streams[stream]
         self._wait(posted.header_work, src, posted.key, waiter, "header")
         kind, partition, micro_batch, meta_len = posted.header.tolist()
         key = (KINDS[kind], partition, micro_batch)
@@ -253,10 +300,12 @@ class Links:
             meta = torch.empty(meta_len, dtype=torch.int64)
             self._wait(dist.irecv(meta, src, group=control), src, key, waiter, "metadata")
             self.metadata[stream] = meta.tolist()
-            tensors, works = self._post_tensors(src, data, decode_metadata(self.metadata[stream]))
-        elif works is None:
+            tensors, works = self._recv_data(stream, decode_metadata(self.metadata[stream]), waiter)
+        elif stream not in self.metadata:
             raise CommError(f"rank {self.rank}: rank {src} sent {_name(key)} without metadata "
                             f"on a new stream (both ranks must run the same wpipe version)")
+        elif works is None:   # posted when taken
+            tensors, works = self._recv_data(stream, decode_metadata(self.metadata[stream]), waiter)
         for work in works:
             self._wait(work, src, key, waiter, "data")
         self._post_next(stream)
@@ -267,11 +316,13 @@ class Links:
         return key, tuple(t.requires_grad_() if flag else t for t, (_, _, flag, _) in zip(tensors, meta))
 
     def _wait(self, work, src, key, waiter, part):
+        """Wait for `work`, the `part` of message `key` (None: `part` names the message)."""
         try:
             work.wait(self.timeout)
         except Exception as error:
+            what = part if key is None else f"the {part} of {_name(key)}"
             raise CommError(
-                f"rank {self.rank}, op {waiter}: waited for the {part} of {_name(key)} from rank {src} "
+                f"rank {self.rank}, op {waiter}: waited for {what} from rank {src} "
                 f"and none came within {self.timeout.total_seconds():g} s ({type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}). Likely cause: rank {src} "
                 f"stopped (crashed, was killed, or is stuck in an earlier op); its own log says why. "

@@ -11,7 +11,10 @@ the grid with the failing op marked) when a schedule
 * steps a partition's optimizer anywhere but between the last backward of a period and
   the first backward of the next,
 * runs a forward on weights that do not exist yet (a synchronous partition's period t
-  needs version t, made by the t-th update).
+  needs version t, made by the t-th update),
+* with `rules`: deadlocks in its communication, every rank's messages replayed as the
+  transport carries them under those rules (comms.py: NCCL's lazy communicator creation,
+  rendezvous sends, kernels that hold the host).
 
 It replays the updates ("U" ops) per partition to report which version every forward and
 backward uses (the method's rule, `schedule.weights_version`), whether that is the newest
@@ -22,7 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ScheduleError
+from .comms import Rules, check_communication
 from .methods import Op, get_method, validate, weights_version
+from .topology import Topology
 
 Schedule = list[list[Op]]
 
@@ -103,9 +108,15 @@ def _ready(op: Op, done, num_partitions: int, tick: int) -> bool:
 
 
 def check_schedule(schedule: Schedule, method: str, depth: int, num_micro_batches: int,
-                   micro_batches_per_update: int | None = None) -> Report:
-    """Validate `schedule` as the given method's; return what the version replay found."""
+                   micro_batches_per_update: int | None = None, *, topology: Topology | None = None,
+                   rules: Rules | None = None) -> Report:
+    """Validate `schedule` as the given method's; return what the version replay found.
+    With `rules` (comms.Rules; the transport's: `Transport.rules`), also replay its
+    communication on every rank of `topology` (default: one replica, pipeline_major)."""
     period = validate(method, depth, num_micro_batches, micro_batches_per_update)
+    if topology is not None and (topology.method, topology.depth) != (method, depth):
+        raise ValueError(f"topology is {topology.method} at depth {topology.depth}, the schedule {method} "
+                         f"at depth {depth}")
     spec = get_method(method)
     num_partitions = spec.num_partitions(depth)
 
@@ -137,6 +148,8 @@ def check_schedule(schedule: Schedule, method: str, depth: int, num_micro_batche
                     raise ScheduleError(f"device {spec.device_of(p, depth)}: op {Op(kind, p, mb)} is missing\n"
                                         + format_schedule(schedule))
     ticks = lockstep(schedule, num_partitions)
+    if rules is not None:
+        check_communication(schedule, topology or Topology(method, depth, 1, "pipeline_major"), rules)
 
     reports = {}
     for d, ops in enumerate(schedule):
@@ -200,10 +213,10 @@ def _replay(ops, d, p, method, depth, period, num_micro_batches, fail) -> Partit
     return report
 
 
-def format_schedule(schedule: Schedule, mark: tuple[int, int] | None = None) -> str:
+def format_schedule(schedule: Schedule, mark: tuple[int, int] | list[tuple[int, int]] | None = None) -> str:
     """Grid of lockstep clock ticks (rows) x devices (columns), idle cells blank, a U shown
-    beside the op it follows. `mark=(device, step)` points an arrow at that op's row.
-    A schedule that deadlocks is shown step by step instead of tick by tick."""
+    beside the op it follows. `mark=(device, step)` (or a list of them) points an arrow at
+    that op's row. A schedule that deadlocks is shown step by step instead of tick by tick."""
     num_partitions = 1 + max((op.partition for ops in schedule for op in ops), default=0)
     try:
         return _grid(schedule, lockstep(schedule, num_partitions), "tick", mark)
@@ -216,7 +229,7 @@ def _steps(schedule: Schedule) -> list[list[int]]:
     return [list(range(len(ops))) for ops in schedule]
 
 
-def _grid(schedule: Schedule, ticks: list[list[int]], label: str, mark: tuple[int, int] | None) -> str:
+def _grid(schedule: Schedule, ticks: list[list[int]], label: str, mark) -> str:
     """The grid of `format_schedule`, each op in row `ticks[device][step]`."""
     rows = 1 + max((t for per_device in ticks for t in per_device), default=-1)
     cells = [["" for _ in schedule] for _ in range(rows)]
@@ -224,11 +237,14 @@ def _grid(schedule: Schedule, ticks: list[list[int]], label: str, mark: tuple[in
         for op, t in zip(ops, ticks[d]):
             cells[t][d] = (cells[t][d] + " " + str(op)).strip()
     width = max([len(c) for row in cells for c in row] + [len(f"dev{len(schedule) - 1}")])
-    marked_row = ticks[mark[0]][mark[1]] if mark and mark[1] < len(ticks[mark[0]]) else None
+    arrows: dict[int, list[str]] = {}
+    for d, i in ([mark] if isinstance(mark, tuple) else mark or []):
+        if i < len(ticks[d]):
+            arrows.setdefault(ticks[d][i], []).append(f"device {d}, step {i}")
     lines = [(f"{label:>5} " + " ".join(f"dev{d}".ljust(width) for d in range(len(schedule)))).rstrip()]
     for t, row in enumerate(cells):
         line = f"{t:>5} " + " ".join(c.ljust(width) for c in row)
-        if t == marked_row:
-            line += f"  <-- device {mark[0]}, step {mark[1]}"
+        if t in arrows:
+            line += "  <-- " + "; ".join(arrows[t])
         lines.append(line.rstrip())
     return "\n".join(lines)

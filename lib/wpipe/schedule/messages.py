@@ -28,6 +28,17 @@ def key(op: Op) -> Key:
     return (op.kind, op.partition, op.micro_batch)
 
 
+def taken(op: Op, topology: Topology) -> Key | None:
+    """The message `op` takes from another device before it computes (its inputs, or the
+    gradients of its outputs), or None."""
+    if op.kind == "U":
+        return None
+    source = Op(op.kind, op.partition - 1 if op.kind == "F" else op.partition + 1, op.micro_batch)
+    if 0 <= source.partition < topology.num_partitions and destination(source, topology) == op.partition:
+        return key(source)
+    return None
+
+
 def incoming(schedule: list[list[Op]], topology: Topology, device: int) -> list[Key]:
     """The keys of the messages the other devices send `device` during `schedule`, each
     sender's in its own order."""

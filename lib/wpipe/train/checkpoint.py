@@ -40,7 +40,7 @@ FOLDER = re.compile(r"^period_(\d+)$")
 # Every other field must equal the checkpoint's (method, layout, model, data, optimizer...).
 FREE_ON_RESUME = {"output_dir", "checkpoint_dir", "resume", "checkpoint_every", "keep_checkpoints",
                   "log_every", "timeout_s", "num_workers", "backend", "verify_data", "max_eval_batches",
-                  "on_nonfinite"}
+                  "on_nonfinite", "communicators"}
 
 
 def rank_file(rank: int) -> str:

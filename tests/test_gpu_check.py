@@ -237,6 +237,7 @@ def test_op_time_ratios_from_a_trace():
         events += [{"ph": "X", "cat": "compute", "name": f"{p}{kind}{t}", "pid": 0, "ts": 1e6 * t + 10 * i,
                     "dur": (1 + t) * (100 if kind == "F" else 300)} for i, (p, kind) in enumerate([(0, "F"), (1, "F"), (1, "B"), (0, "B")])]
         events += [{"ph": "X", "cat": "wait", "name": "wait sends", "pid": 0, "ts": 1e6 * t + 50, "dur": 5000}]
+        events += [{"ph": "X", "cat": "compute", "name": "reduce 0U", "pid": 0, "ts": 1e6 * t + 60, "dur": 7000}]
     document = {"traceEvents": events, "otherData": {"micro_batches_per_update": 1}}
     traced = gpu_check.traced_op_times(document, warmup_periods=1)
     assert traced[0]["forward_s"] == pytest.approx(250e-6) and traced[1]["backward_s"] == pytest.approx(750e-6)

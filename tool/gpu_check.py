@@ -105,6 +105,7 @@ TRACED = ["--config", "network_conf/nlp_tiny.yaml", "--method", "wpipe", "--pipe
           "--throughput_periods", "8", "--throughput_warmup_periods", "3", "--probe_periods", "8", "--log_every", "100"]
 TRACE_TOLERANCE = 0.15
 TRACE_JUDGED = ("forward_s", "backward_s")
+OP_EVENT = re.compile(r"(recompute )?\d+[FB]\d+|\d+U")
 # --rehearse: the same runs at CPU sizes.
 SMALL_BERT = ["--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab_size", "100", "--max_seq_length", "16",
               "--micro_batch_size", "4"]
@@ -442,9 +443,11 @@ def shown(path: Path) -> str:
 
 def traced_op_times(document: dict, warmup_periods: int) -> dict[int, dict[str, float]]:
     """Per partition, the median seconds of its ops (probe.op_times) in a trace.json of the
-    trace contract: compute events named like ops, `ts` and `dur` in microseconds."""
+    trace contract: compute events named like ops (`2F3`, `recompute 1B0`; others, such as a
+    data-parallel `reduce 2U`, are not op times), `ts` and `dur` in microseconds."""
     events = [(e["cat"], e["name"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, None)
-              for e in document["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "compute"]
+              for e in document["traceEvents"]
+              if e.get("ph") == "X" and e.get("cat") == "compute" and OP_EVENT.fullmatch(e["name"])]
     return op_times(events, document["otherData"]["micro_batches_per_update"], warmup_periods)
 
 

@@ -271,7 +271,7 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
         raise FileNotFoundError("dataset digits reads scikit-learn's data file, and scikit-learn is not "
-                                "installed: pip install --no-deps -r requirements-nodeps.txt")
+                                "installed: pip install -r requirements.txt")
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: scikit-learn's digits data file is missing")

@@ -50,6 +50,10 @@ TWO.update({
     "cv_pipedream_2bw_recompute": ("cv", ["--config", str(ROOT / "network_conf" / "cv_tiny.yaml"),
                                           "--mode", "throughput", "--micro_batch_size", "8",
                                           "--method", "pipedream_2bw", "--recompute", "true"]),
+    # bf16: BERT's boundaries stay float32 (LayerNorm outputs), ResNeXt's become bfloat16
+    "wpipe_bf16": nlp("wpipe", 2, 1, "--precision", "bf16"),
+    "cv_wpipe_bf16": ("cv", ["--config", str(ROOT / "network_conf" / "cv_tiny.yaml"), "--mode", "throughput",
+                             "--micro_batch_size", "8", "--precision", "bf16"]),
 })
 FOUR = {
     "wpipe_4x1": nlp("wpipe", 4, 1, "--num_layers", "8"),

@@ -189,12 +189,11 @@ def peer_worker(args) -> dict:
     ends = []
     for start in range(0, len(data), m):
         chunk = data[start:start + m]
-        feeds = {}
-        if 0 in indices:
-            feeds["arg_mbs"] = [(x,) for x, _ in chunk]
-        if num_stages - 1 in indices:
-            feeds["target_mbs"] = [target for _, target in chunk]
-        steps.step(return_outputs=False, **feeds)
+        # Whole batches, which the schedule splits back into these micro-batches (the call
+        # every torch >= 2.11 takes; pre-split arg_mbs came later).
+        inputs = (torch.cat([x for x, _ in chunk]),) if 0 in indices else ()
+        target = torch.cat([target for _, target in chunk]) if num_stages - 1 in indices else None
+        steps.step(*inputs, target=target, return_outputs=False)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -41,10 +41,12 @@ def run_pipelining(method: str, period: int, data) -> dict:
     for start in range(0, len(data), period):
         chunk = data[start:start + period]
         mb_losses = []
+        # Whole batches, which the schedule splits back into these micro-batches (the call
+        # every torch >= 2.11 takes; pre-split arg_mbs came later).
         if rank == 0:
-            schedule.step(arg_mbs=[inputs for inputs, _ in chunk])
+            schedule.step(*(torch.cat(parts) for parts in zip(*(inputs for inputs, _ in chunk))))
         else:
-            schedule.step(target_mbs=[target for _, target in chunk], losses=mb_losses)
+            schedule.step(target=torch.cat([target for _, target in chunk]), losses=mb_losses)
             losses.append(float(sum(loss.detach() for loss in mb_losses)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

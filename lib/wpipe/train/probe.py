@@ -46,6 +46,7 @@ from .. import schedule
 from ..files import write_atomic
 from ..runtime.engine import Pipeline
 from ..runtime.loopback import Loopback, Spec, infer_outputs
+from ..runtime.precision import Policy
 from ..schedule import Topology
 from ..trace import COMPUTE, RECOMPUTE, parse_span
 
@@ -109,13 +110,14 @@ def op_times(events, period: int, warmup_periods: int) -> dict[int, dict[str, fl
 
 
 def check_launch(cfg) -> None:
-    """Probe mode runs in a plain process, in float32: refuse torchrun's multi-process
-    launch, and reduced precision (the messages are inferred on the meta device, where
-    autocast does not apply, and fp16's loss scaler needs every rank's overflow verdict)."""
-    if cfg.precision != "fp32" or cfg.wire_dtype is not None:
-        raise ValueError(f"mode probe measures float32 runs: precision is {cfg.precision!r} and wire_dtype "
-                         f"{cfg.wire_dtype!r}; set precision fp32 and wire_dtype null (a bf16 device's "
-                         f"bytes and times: tool/bench.py --precision bf16)")
+    """Probe mode runs in a plain process, in fp32 or bf16 (its messages carry the dtypes
+    autocast gives them: autocast_dtypes): refuse torchrun's multi-process launch, fp16
+    (its loss scaler needs every rank's overflow verdict) and a wire dtype (the loopback's
+    messages are not cast)."""
+    if cfg.precision == "fp16" or cfg.wire_dtype is not None:
+        raise ValueError(f"mode probe measures fp32 and bf16 runs without a wire cast: precision is "
+                         f"{cfg.precision!r} and wire_dtype {cfg.wire_dtype!r}; set precision fp32 or bf16 and "
+                         f"wire_dtype null (an fp16 device's bytes and times: tool/bench.py --precision fp16)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         raise ValueError(f"mode probe runs as one plain process (python cv/main.py or nlp/main.py "
@@ -132,8 +134,14 @@ def run(cfg, task, total_periods: int) -> dict:
         build_partition = functools.partial(task.build_partition, block_costs=task.measure_block_costs())
     data = task.synthetic_data(total_periods * cfg.period, 0)
     inputs = data[0][0]
-    outputs = infer_outputs(build_partition, schedule.num_partitions(cfg.method, cfg.pipeline_depth),
-                            tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,))
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    num_partitions = schedule.num_partitions(cfg.method, cfg.pipeline_depth)
+    outputs = infer_outputs(build_partition, num_partitions, inputs)
+    if cfg.precision != "fp32":
+        policy = Policy(cfg.precision, device_type=device.type)
+        dtypes = autocast_dtypes(build_partition, num_partitions, inputs, policy, device)
+        outputs = [[dataclasses.replace(spec, dtype=d) for spec, d in zip(specs, out)]
+                   for specs, out in zip(outputs, dtypes)]
     devices = range(cfg.pipeline_depth) if cfg.probe_device is None else [cfg.probe_device]
     report = {"method": cfg.method, "pipeline_depth": cfg.pipeline_depth, "data_parallel": cfg.data_parallel,
               "micro_batch_size": cfg.micro_batch_size, "micro_batches_per_update": cfg.period,
@@ -146,6 +154,24 @@ def run(cfg, task, total_periods: int) -> dict:
                           for s in devices]}
     log.info("wrote %s", write_atomic(Path(cfg.output_dir) / "probe.json", json.dumps(report, indent=2)))
     return report
+
+
+def autocast_dtypes(build_partition: Callable, num_partitions: int, inputs: tuple, policy: Policy,
+                    device: torch.device) -> list[list[torch.dtype]]:
+    """Per partition, the dtypes of the tensors its forward returns under `policy`'s autocast,
+    which the meta device ignores (infer_outputs): every partition in turn, built on
+    `device`, runs the micro-batch `inputs` without gradients (one partition held at a time)."""
+    x = tuple(t.to(device) for t in inputs)
+    dtypes = []
+    for p in range(num_partitions):
+        with torch.device(device):
+            module = build_partition(p)
+        with torch.no_grad(), policy.autocast():
+            out = module.to(device).train()(*x)   # .to: a builder may ignore the default device
+        x = out if isinstance(out, tuple) else (out,)
+        dtypes.append([t.dtype for t in x])
+        del module
+    return dtypes
 
 
 def _reset_peak(device: torch.device) -> str | None:

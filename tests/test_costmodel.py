@@ -18,6 +18,8 @@ from wpipe.planning.plan import ranges_of
 from cv.main import CvConfig, model_blocks as cv_blocks
 from nlp.main import NlpConfig, model_blocks as nlp_blocks
 
+pytestmark = pytest.mark.distributed
+
 WORKER = ROOT / "tests" / "workers" / "memory_cases.py"
 ENTRIES = {"cv": (CvConfig, cv_blocks, "cv_tiny.yaml"), "nlp": (NlpConfig, nlp_blocks, "nlp_tiny.yaml")}
 MICRO_BATCH = 8

@@ -2,13 +2,11 @@
 import json
 import math
 import statistics
-import sys
 
-from launch import ROOT
+import pytest
 
-sys.path.insert(0, str(ROOT / "tool"))
-import paper_scale  # noqa: E402
-import validate_model  # noqa: E402
+import paper_scale
+import validate_model
 
 
 def row(round_, method, predicted, measured, equal=True, run="bench"):
@@ -40,6 +38,7 @@ def test_section_says_which_medians_are_within_ten_percent():
     assert "exact in every run" in text
 
 
+@pytest.mark.distributed
 def test_message_cost_is_measured_by_two_processes(tmp_path):
     cost = validate_model.measure_message_cost(tmp_path, rounds=1)
     per_rank = json.loads((tmp_path / "message_cost.json").read_text())

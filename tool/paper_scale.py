@@ -606,8 +606,8 @@ def fit_lines(profile) -> list[str]:
               "(1 + 2 + 1) / (1 + 2). Checked against the published training throughput of the same GPU at one "
               "batch size (the rule predicts batch / (3 x t_forward(batch)); the optimizer step and data loading "
               "are not in it):", "",
-              "| network | precision | batch | published training samples/s | rule | error | published step - "
-              "rule step | source |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| network | precision | batch | published training samples/s | rule's samples/s | rule's step time "
+              "error | published step - rule's step | source |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     gaps = {}
     for check in profile.checks:
         curve = profile.curve(check["family"], check["precision"], check["shape"])

@@ -1,8 +1,9 @@
 """tool/paper_scale.py without running the map: the released scripts' sweeps it evaluates,
-the conclusion it draws, and the page it wrote (docs/paper_scale.md)."""
+the conclusion it draws (tool/paper_scale_page.py), and the page it wrote (docs/paper_scale.md)."""
 import re
 
 import paper_scale
+import paper_scale_page
 from launch import ROOT
 from paper_scale import Cell, MapModel
 from wpipe.planning import plan
@@ -58,12 +59,12 @@ EQUAL = {"ratios": [(1.62, "network_conf/cv_throughput_resnext500.yaml", "8x8", 
 def conclusion(ratios: dict) -> str:
     models = [MapModel("BERT-x", "c", {}, 8, "bert"), MapModel("ResNeXt-x", "c", {}, 8, "resnext")]
     cells = {(m.label, key, p): cell(ratios.get((m.label, key, p), 1.0))
-             for m in models for _, key in paper_scale.PRESETS for p in paper_scale.PRECISIONS}
+             for m in models for _, key in paper_scale_page.PRESETS for p in paper_scale_page.PRECISIONS}
     memory = [{"model": m.label, "recompute": r, "memory": {"wpipe": 64, "pipedream_2bw": 100},
                "fits": {"wpipe": True, "pipedream_2bw": True}} for m in models for r in (False, True)]
     profile = load_profile(ROOT / "network_conf" / "profiles" / "v100_published.yaml")
     hw = load_hardware(ROOT / "network_conf" / "hardware" / "v100_16gb_8x.yaml")
-    return "\n".join(paper_scale.conclusion(cells, models, memory, profile, EQUAL, hw))
+    return "\n".join(paper_scale_page.conclusion(cells, models, memory, profile, EQUAL, hw))
 
 
 def test_conclusion_says_where_the_papers_speedup_is_reached_and_what_carries_it():
@@ -80,7 +81,7 @@ def test_conclusion_says_where_the_papers_speedup_is_reached_and_what_carries_it
 
 
 def test_equal_configuration_summary_names_where_and_why():
-    text = paper_scale.equal_text(EQUAL)
+    text = paper_scale_page.equal_text(EQUAL)
     assert text.startswith("At equal configuration")
     assert "median 1.45, from 0.90 to 1.62; at least 1.4 in 2 (resnext500, resnext800; layouts 4x16, 8x8; " \
            "recompute off, on; micro-batch 2, 8)" in text

@@ -1,16 +1,13 @@
-"""tool/validate_model.py's summary (medians over rounds) and its section in docs/paper_scale.md."""
+"""tool/validate_model.py's summary (medians over rounds) and its section in docs/paper_scale.md
+(tool/paper_scale_page.py)."""
 import json
 import math
 import statistics
-import sys
 
 import pytest
 
-from launch import ROOT
-
-sys.path.insert(0, str(ROOT / "tool"))
-import paper_scale  # noqa: E402
-import validate_model  # noqa: E402
+import paper_scale_page
+import validate_model
 
 
 def row(round_, method, predicted, measured, equal=True, run="bench"):
@@ -34,7 +31,7 @@ def test_summary_compares_the_medians_over_rounds():
 
 def test_section_says_which_medians_are_within_ten_percent():
     rows = [row(r, m, p, q) for r in range(3) for m, p, q in (("wpipe", 50, 40), ("gpipe", 30, 29))]
-    lines = paper_scale._validation_lines({"rounds": 3, "summary": validate_model.summarize(rows),
+    lines = paper_scale_page.validation_lines({"rounds": 3, "summary": validate_model.summarize(rows),
                                           "report": ["load average ..."]})
     text = "\n".join(lines)
     assert "| bench | wpipe | 50.00 | 40.00 | +25.0% | 60.00 (+50.0%) | 40.00-40.00 | equal in 3 runs |" in text

@@ -73,8 +73,9 @@ from wpipe import schedule, trace
 from wpipe.launch import run, torchrun_command
 from wpipe.planning import partition
 from wpipe.runtime import memory, precision
+from model_chains import build_blocks, make_optimizer  # the model, shared with tool/validate_model.py
 
-METHODS = ["wpipe", "pipedream_2bw", "pipedream_flush", "gpipe"]
+METHODS = list(schedule.PIPELINES)
 PEER_SCHEDULES = {"gpipe": (ScheduleGPipe, 1), "1f1b": (Schedule1F1B, 1),
                   "interleaved": (ScheduleInterleaved1F1B, 2)}   # kind: (class, stages per rank)
 PEER_MICRO_BATCHES = (2, 8)
@@ -85,24 +86,10 @@ NAME_WIDTH = max(map(len, [*METHODS, *PEERS]))
 
 # ------------------------------------------------------------------ model and data
 
-def build_blocks(args, indices) -> nn.Sequential:
-    """Blocks `indices` of the model; block i is seeded by i, so any cut holds the same weights."""
-    blocks = []
-    for i in indices:
-        torch.manual_seed(1000 + i)
-        blocks.append(nn.TransformerEncoderLayer(args.hidden, nhead=4, dim_feedforward=4 * args.hidden,
-                                                 dropout=0.0, batch_first=True))
-    return nn.Sequential(*blocks)
-
-
 def micro_batches(args, count: int) -> list:
     g = torch.Generator().manual_seed(0)
     shape = (args.micro_batch, args.seq, args.hidden)
     return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(count)]
-
-
-def make_optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-4)
 
 
 def loss_fn(output, target):

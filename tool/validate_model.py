@@ -43,19 +43,18 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from model_chains import ROOT, build_blocks, load_model, make_optimizer  # noqa: E402
 
-from wpipe.planning import costmodel, partition  # noqa: E402
 from wpipe import schedule  # noqa: E402
-from wpipe.planning.measure import BlockSpec, ModelBlocks, time_blocks  # noqa: E402
-from wpipe.config import load_config  # noqa: E402
-from wpipe.planning.hardware import load_hardware  # noqa: E402
 from wpipe.launch import run, torchrun_command  # noqa: E402
-from wpipe.planning.plan import ranges_of  # noqa: E402
+from wpipe.planning import partition  # noqa: E402
+from wpipe.planning.evaluate import Configuration, Workload, evaluate  # noqa: E402
+from wpipe.planning.hardware import load_hardware  # noqa: E402
+from wpipe.planning.measure import BlockSpec, ModelBlocks, time_blocks  # noqa: E402
+from wpipe.planning.optimes import MeasuredTimes  # noqa: E402
 
 HARDWARE = ROOT / "network_conf" / "hardware" / "cpu_2x1thread.yaml"
 METHODS = ("wpipe", "pipedream_2bw", "pipedream_flush", "gpipe")
@@ -69,20 +68,16 @@ FIELDS = ("weights_bytes", "activations_bytes", "optimizer_state_bytes")
 
 
 def bench_model() -> ModelBlocks:
-    """tool/bench.py's model as blocks (its own builders)."""
-    sys.path.insert(0, str(ROOT / "tool"))
-    import bench
+    """tool/bench.py's model as blocks (its builders, model_chains.build_blocks)."""
     args = argparse.Namespace(hidden=HIDDEN, seq=SEQ, micro_batch=MICRO_BATCH)
     return ModelBlocks(
-        "bench", [BlockSpec(f"layer.{i}", "layer", lambda i=i: bench.build_blocks(args, [i])) for i in range(LAYERS)],
-        lambda b: (torch.randn(b, SEQ, HIDDEN),), bench.make_optimizer,
+        "bench", [BlockSpec(f"layer.{i}", "layer", lambda i=i: build_blocks(args, [i])) for i in range(LAYERS)],
+        lambda b: (torch.randn(b, SEQ, HIDDEN),), make_optimizer,
         lambda k: [[f"layer.{i}" for i in r] for r in partition.uniform(LAYERS, k)])
 
 
 def nlp_model() -> ModelBlocks:
-    from nlp.main import NlpConfig, model_blocks
-    return model_blocks(load_config(NlpConfig, ROOT / "network_conf" / "nlp_tiny.yaml",
-                                    {k: str(v) for k, v in NLP.items()}))
+    return load_model(ROOT / "network_conf" / "nlp_tiny.yaml", NLP)[0]
 
 
 def measure_beside_load(name: str, model: ModelBlocks, blocks: list) -> list:
@@ -141,12 +136,10 @@ def message_cost_worker(out: Path, rounds: int) -> None:
     """One rank of measure_message_cost (under torchrun): rank 0 writes both ranks'
     microseconds per MB to <out>/message_cost.json."""
     import torch.distributed as dist
-    sys.path.insert(0, str(ROOT / "tool"))
-    import bench
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     peer = (rank + 1) % DEPTH
-    layer = bench.build_blocks(argparse.Namespace(hidden=HIDDEN), [rank])
+    layer = build_blocks(argparse.Namespace(hidden=HIDDEN), [rank])
     x = torch.randn(MICRO_BATCH, SEQ, HIDDEN, requires_grad=True)
     elements = MESSAGE_BYTES // 4
 
@@ -177,11 +170,10 @@ def message_cost_worker(out: Path, rounds: int) -> None:
 
 def predict(model: ModelBlocks, blocks, hw, method: str, recompute: bool) -> tuple[float, list[dict]]:
     """(samples/s, per-device accounting) of a DEPTH x 1 run of PERIODS + WARMUP periods."""
-    ranges = ranges_of([b.name for b in blocks], model.uniform_plan(schedule.num_partitions(method, DEPTH)))
-    parts = costmodel.partition_costs(blocks, ranges, MICRO_BATCH)
-    period = schedule.default_period(method, DEPTH)
-    speed = costmodel.samples_per_second(method, DEPTH, 1, "pipeline_major", parts, MICRO_BATCH, hw, recompute)
-    return speed, costmodel.accounting(method, DEPTH, parts, recompute, (PERIODS + WARMUP) * period, period)
+    target = Workload(blocks, model.uniform_plan, hw, MeasuredTimes(hw))
+    e = evaluate(target, Configuration(method, DEPTH, 1, MICRO_BATCH, recompute),
+                 run_micro_batches=(PERIODS + WARMUP) * schedule.default_period(method, DEPTH))
+    return e.samples_per_second, e.accounting
 
 
 def run_bench(method: str, recompute: bool, out: Path) -> tuple[float, list[dict], float]:

@@ -13,22 +13,26 @@ Memory is the engine's own accounting (Pipeline.memory_report, summary.json `mem
 `device_memory` adds what the accounting leaves out but a device holds: one gradient per
 parameter and, with data parallelism, the flat buffer the all-reduce sends.
 
-Time: per partition, forward/backward/update seconds come from the blocks' FLOPs and kernel
-counts at the hardware's efficiency, or from measured seconds (hardware.Hardware.op_times),
-plus the CPU time a host spends on each message an op sends or receives (zero on GPUs);
-transfers and the data-parallel all-reduce from the links between the ranks (hardware.py);
-the calibrated event simulator (simulate.py, updates deferred as the engine defers them)
-turns them into the time between period ends.
+Time: per partition, forward/backward/update seconds are the sums over its blocks of an
+op-time source's (optimes.py: curves fitted to measured points, the FLOP model, or seconds
+measured here), plus the engine's own time per op, a recomputation's forward, and the CPU
+time a host spends on each message an op sends or receives (zero on GPUs); transfers and
+the data-parallel all-reduce from the links between the ranks (hardware.py); the
+calibrated event simulator (simulate.py, updates deferred as the engine defers them) turns
+them into the time between period ends.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from .. import schedule
 from ..schedule import Topology, check_schedule, simulate
 from .blockcost import BlockCost
 from .hardware import Hardware
+from .optimes import OpTimes
 
 PERIODS = 4
 """Periods simulated: the rate is taken between the ends of periods 1 and PERIODS - 1
@@ -37,7 +41,7 @@ PERIODS = 4
 
 @dataclass
 class PartitionCost:
-    """One partition at micro-batch size b: bytes, FLOPs and kernels, seconds if measured."""
+    """One partition at micro-batch size b: bytes, FLOPs and kernels."""
     blocks: range
     param_bytes: int
     optimizer_bytes: int
@@ -48,7 +52,6 @@ class PartitionCost:
     backward_flops: float
     forward_kernels: int
     backward_kernels: int
-    seconds: dict | None      # {"forward", "backward", "update"} measured, or None
 
 
 def partition_costs(blocks: list[BlockCost], ranges: list[range], b: int) -> list[PartitionCost]:
@@ -72,14 +75,11 @@ def _partition(blocks: list[BlockCost], r: range, b: int) -> PartitionCost:
         for label, size in block.saved:
             stored[resolve(label)] = size(b)
         current = [resolve(label) for label in block.outputs]
-    seconds = None
-    if all(b in blocks[i].seconds for i in r):
-        seconds = {k: sum(blocks[i].seconds[b][k] for i in r) for k in ("forward", "backward", "update")}
     return PartitionCost(
         r, sum(blocks[i].param_bytes for i in r), sum(blocks[i].optimizer_bytes for i in r),
         round(first.input_bytes(b)), round(first.input_grad_bytes(b)), round(sum(stored.values())),
         sum(blocks[i].forward_flops(b) for i in r), sum(blocks[i].backward_flops(b) for i in r),
-        sum(blocks[i].forward_kernels for i in r), sum(blocks[i].backward_kernels for i in r), seconds)
+        sum(blocks[i].forward_kernels for i in r), sum(blocks[i].backward_kernels for i in r))
 
 
 @lru_cache(maxsize=64)
@@ -95,22 +95,16 @@ def accounting(method: str, depth: int, parts: list[PartitionCost], recompute: b
     activations_bytes, optimizer_state_bytes, as summary.json reports them for a run of
     `num_micro_batches` (default PERIODS periods)."""
     period = period or schedule.default_period(method, depth)
-    ops, report = schedule_and_report(method, depth, period, num_micro_batches or PERIODS * period)
+    states, report = _stash_states(method, depth, period, num_micro_batches or PERIODS * period)
+    inputs = np.array([p.input_bytes for p in parts], dtype=np.int64)
+    saved = np.array([p.saved_bytes for p in parts], dtype=np.int64)
+    entry = inputs if recompute else inputs + saved
     out = []
-    for device_ops in ops:
-        mine = sorted({op.partition for op in device_ops})
-        stash = peak = 0
-        for op in device_ops:
-            part = parts[op.partition]
-            entry = part.input_bytes + (0 if recompute else part.saved_bytes)
-            if op.kind == "F":
-                stash += entry
-                peak = max(peak, stash)
-            elif op.kind == "B":
-                if recompute:
-                    peak = max(peak, stash + part.saved_bytes)
-                stash -= entry
-        out.append({"partitions": mine,
+    for mine, forwards, backwards, recomputed in states:
+        peak = int((forwards @ entry).max(initial=0))
+        if recompute:
+            peak = max(peak, int((backwards @ entry + saved[recomputed]).max(initial=0)))
+        out.append({"partitions": list(mine),
                     "weights_bytes": sum(parts[p].param_bytes * report.partitions[p].max_versions_alive
                                          for p in mine),
                     "activations_bytes": peak,
@@ -118,32 +112,61 @@ def accounting(method: str, depth: int, parts: list[PartitionCost], recompute: b
     return out
 
 
+@lru_cache(maxsize=256)
+def _stash_states(method: str, depth: int, period: int, num_micro_batches: int):
+    """Per device, as the engine walks its op list: its partitions (ascending); the distinct
+    stash states right after a forward (micro-batches stashed per partition, one row each,
+    one column per partition of the model); the distinct states right before a backward,
+    and for each the backward's partition (a recomputation holds its saved bytes on top).
+    The stash peak of any byte sizes is reached in one of them, so `accounting` weighs
+    these few states instead of walking every op."""
+    ops, report = schedule_and_report(method, depth, period, num_micro_batches)
+    k = schedule.num_partitions(method, depth)
+    out = []
+    for device_ops in ops:
+        counts = [0] * k
+        forwards, backwards = set(), set()
+        for op in device_ops:
+            if op.kind == "F":
+                counts[op.partition] += 1
+                forwards.add(tuple(counts))
+            elif op.kind == "B":
+                backwards.add((tuple(counts), op.partition))
+                counts[op.partition] -= 1
+        ordered = sorted(backwards)
+        out.append((tuple(sorted({op.partition for op in device_ops})),
+                    np.array(sorted(forwards), dtype=np.int64).reshape(-1, k),
+                    np.array([c for c, _ in ordered], dtype=np.int64).reshape(-1, k),
+                    np.array([p for _, p in ordered], dtype=np.int64)))
+    return out, report
+
+
 def device_memory(method: str, depth: int, data_parallel: int, parts: list[PartitionCost],
                   recompute: bool) -> list[int]:
-    """Per device, predicted bytes held at the peak: the accounting plus one gradient per
-    parameter and, with data parallelism, the all-reduce's flat copy of the gradients."""
+    """Per device, predicted bytes held at the peak (held_bytes of its accounting)."""
+    return held_bytes(accounting(method, depth, parts, recompute), parts, data_parallel)
+
+
+def held_bytes(reports: list[dict], parts: list[PartitionCost], data_parallel: int) -> list[int]:
+    """Per device, the accounting `reports` plus one gradient per parameter and, with data
+    parallelism, the all-reduce's flat copy of the gradients."""
     out = []
-    for report in accounting(method, depth, parts, recompute):
+    for report in reports:
         params = sum(parts[p].param_bytes for p in report["partitions"])
         out.append(report["weights_bytes"] + report["activations_bytes"] + report["optimizer_state_bytes"]
                    + params + (params if data_parallel > 1 else 0))
     return out
 
 
-def op_seconds(part: PartitionCost, hw: Hardware, recompute: bool, rates=None) -> tuple[float, float, float]:
-    """(forward, backward incl. recomputation, update) seconds of one partition's ops."""
-    if hw.op_times == "measured":
-        if part.seconds is None:
-            raise ValueError(f"hardware {hw.name}: op_times measured, but blocks {part.blocks} have no "
-                             f"seconds measured at this micro-batch size")
-        forward, backward, update = part.seconds["forward"], part.seconds["backward"], part.seconds["update"]
-    else:
-        forward_rate, backward_rate = rates if rates else (hw.flops_per_s, hw.flops_per_s)
-        kernel = hw.kernel_overhead_us * 1e-6
-        forward = part.forward_flops / forward_rate + part.forward_kernels * kernel
-        backward = part.backward_flops / backward_rate + part.backward_kernels * kernel
-        # An optimizer step streams parameters, gradients and state through memory (read and write).
-        update = 2 * (2 * part.param_bytes + part.optimizer_bytes) / (hw.memory_bandwidth_gbs * 1e9)
+def op_seconds(blocks: list[BlockCost], r: range, b: int, times: OpTimes, hw: Hardware,
+               recompute: bool) -> tuple[float, float, float]:
+    """(forward, backward incl. recomputation, update) seconds of the ops of the partition
+    holding blocks `r`, at micro-batch size b: the blocks' times from `times`, plus the
+    engine's own time per op (hw.op_overhead_us)."""
+    forward = backward = update = 0.0
+    for i in r:
+        f, bwd, u = times.block_seconds(blocks[i], b)
+        forward, backward, update = forward + f, backward + bwd, update + u
     overhead = hw.op_overhead_us * 1e-6
     return forward + overhead, backward + (forward if recompute else 0.0) + overhead, update + overhead
 
@@ -167,24 +190,40 @@ def message_cpu_seconds(parts: list[PartitionCost], topology: Topology, hw: Hard
 
 
 def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout: str,
-                       parts: list[PartitionCost], b: int, hw: Hardware, recompute: bool,
-                       rates=None) -> float:
-    """Predicted samples/s of the whole run (all replicas) in steady state."""
+                       parts: list[PartitionCost], seconds: list[tuple[float, float, float]], b: int,
+                       hw: Hardware, per_update: bool = True) -> float:
+    """Predicted samples/s of the whole run (all replicas) in steady state, from each
+    partition's (forward, backward, update) op seconds (op_seconds). `per_update` False:
+    optimizer steps and all-reduces cost nothing (what the rest costs on its own)."""
     period = schedule.default_period(method, depth)
     n = len(parts)
     topology = Topology(method, depth, data_parallel, rank_layout)
-    times = [tuple(own + copy for own, copy in zip(op_seconds(part, hw, recompute, rates), copies))
-             for part, copies in zip(parts, message_cpu_seconds(parts, topology, hw))]
+    times = [tuple(own + copy for own, copy in zip(op, copies))
+             for op, copies in zip(seconds, message_cpu_seconds(parts, topology, hw))]
+    if not per_update:
+        times = [(f, bwd, 0.0) for f, bwd, _ in times]
     forward_transfer, backward_transfer = [0.0] * n, [0.0] * n
     for p in range(n - 1):
         link = _slowest_link(topology, hw, topology.device_of(p), topology.device_of(p + 1))
         forward_transfer[p] = link.seconds(parts[p + 1].input_bytes)
         backward_transfer[p] = link.seconds(parts[p + 1].input_grad_bytes)
     allreduce = [hw.allreduce_seconds([topology.rank_of(r, topology.device_of(p)) for r in range(data_parallel)],
-                                      parts[p].param_bytes) for p in range(n)]
+                                      parts[p].param_bytes) if per_update else 0.0 for p in range(n)]
     seconds = _period_seconds(method, depth, tuple(times), tuple(forward_transfer), tuple(backward_transfer),
                               tuple(allreduce))
     return data_parallel * period * b / seconds
+
+
+def speed_bound(method: str, depth: int, data_parallel: int, seconds: list[tuple[float, float, float]],
+                b: int) -> float:
+    """An upper bound of samples_per_second, without simulating: a device runs its ops one
+    at a time, so a period takes at least the sum of its own ops' seconds (each of its
+    partitions' forwards and backwards of the period, and their updates)."""
+    period = schedule.default_period(method, depth)
+    busy = [0.0] * depth
+    for p, (forward, backward, update) in enumerate(seconds):
+        busy[schedule.device_of(method, p, depth)] += period * (forward + backward) + update
+    return data_parallel * period * b / max(busy)
 
 
 @lru_cache(maxsize=4096)
@@ -194,8 +233,9 @@ def _period_seconds(method, depth, times, forward_transfer, backward_transfer, a
     period = schedule.default_period(method, depth)
     count = PERIODS * period
     ops, report = schedule_and_report(method, depth, period, count)
+    zeros = [0.0] * len(times)      # sizes unused here: floats spare the simulator exact fractions
     sim = simulate(ops, method, depth, count, [t[0] for t in times], [t[1] for t in times],
-                   list(forward_transfer), [t[2] for t in times], micro_batches_per_update=period,
+                   list(forward_transfer), [t[2] for t in times], zeros, zeros, micro_batches_per_update=period,
                    backward_transfer_cost=list(backward_transfer), allreduce_cost=list(allreduce),
                    defer_updates=True, report=report)
     ends = {}

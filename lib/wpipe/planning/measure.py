@@ -12,20 +12,28 @@
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from ..files import write_atomic
 from .blockcost import Affine, BlockCost
 
 MICRO_BATCHES = (2, 4)
 """Sizes measured (2 and up: BatchNorm needs two values per channel at a 1 x 1 image)."""
+PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CACHE_VERSION = 2
+"""Part of the cache file names: raise it when what measure_blocks records changes."""
 
 
 def block_seconds(blocks: Sequence[nn.Module], inputs: tuple, repeats: int = 3) -> list[float]:
@@ -74,19 +82,36 @@ class ModelBlocks:
     make_optimizer: Callable                           # the task's optimizer factory
     uniform_plan: Callable[[int], list[list[str]]]     # partitions -> block names (the runtime's split)
 
-    def measure(self, timed_micro_batch: int | None = None) -> list[BlockCost]:
-        return measure_blocks(self.specs, self.make_inputs, self.make_optimizer, timed_micro_batch)
+    def measure(self, timed_micro_batch: int | None = None, precision: str = "fp32") -> list[BlockCost]:
+        return measure_blocks(self.specs, self.make_inputs, self.make_optimizer, timed_micro_batch,
+                              precision=precision)
+
+
+def cached_blocks(model: ModelBlocks, cache_dir: Path | None, precision: str = "fp32") -> list[BlockCost]:
+    """`model.measure(precision=precision)`, read from `cache_dir` when this code measured
+    the same model (its description) at that precision before, else measured and written there."""
+    cache = cache_dir / f"blocks_v{CACHE_VERSION}_{model.description}_{precision}.json" if cache_dir else None
+    if cache and cache.is_file():
+        return [BlockCost.from_json(b) for b in json.loads(cache.read_text())]
+    blocks = model.measure(precision=precision)
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, json.dumps([b.to_json() for b in blocks]))
+    return blocks
 
 
 def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tuple],
                    make_optimizer: Callable, timed_micro_batch: int | None = None,
-                   repeats: int = 3) -> list[BlockCost]:
+                   repeats: int = 3, precision: str = "fp32") -> list[BlockCost]:
     """Measure every block of the chain (see the module docstring). `make_inputs(b)`: the
     first block's inputs for a micro-batch of b samples, as the engine gives them to
     partition 0 (the task's own data). With `timed_micro_batch`, also time each kind's
     forward, backward and optimizer step at that size (median of `repeats`, in this process)."""
-    runs = {b: _run_chain(blocks, make_inputs(b)) for b in MICRO_BATCHES}
-    timed = time_blocks(blocks, make_inputs, make_optimizer, timed_micro_batch, repeats) if timed_micro_batch else None
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    runs = {b: _run_chain(blocks, make_inputs(b), precision=precision) for b in MICRO_BATCHES}
+    timed = (time_blocks(blocks, make_inputs, make_optimizer, timed_micro_batch, repeats, precision)
+             if timed_micro_batch else None)
     out, by_kind = [], {}
     for i, spec in enumerate(blocks):
         if spec.kind not in by_kind:
@@ -113,22 +138,37 @@ def measure_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tup
 
 
 def time_blocks(blocks: Sequence[BlockSpec], make_inputs: Callable[[int], tuple], make_optimizer: Callable,
-                micro_batch: int, repeats: int) -> list[dict[str, float]]:
+                micro_batch: int, repeats: int, precision: str = "fp32",
+                device: torch.device | None = None) -> list[dict[str, float]]:
     """Per block, the median seconds of its forward, backward and optimizer step at
-    `micro_batch` over `repeats` (each kind timed once, in chain order, in this process)."""
-    return [r["seconds"] for r in _run_chain(blocks, make_inputs(micro_batch), (repeats, make_optimizer))]
+    `micro_batch` over `repeats` (each kind timed once, in chain order, in this process),
+    on `device` (default CPU; a GPU is synchronised around each timed part), forwards under
+    the precision's autocast there."""
+    device = device or torch.device("cpu")
+    inputs = tuple(t.to(device) if torch.is_tensor(t) else t for t in make_inputs(micro_batch))
+    return [r["seconds"] for r in _run_chain(blocks, inputs, (repeats, make_optimizer), precision, device)]
 
 
-def _run_chain(blocks, inputs, timing=None) -> list[dict]:
+def autocast(precision: str, device: torch.device):
+    """The context a forward runs in at `precision`: none for fp32; on CPU bfloat16
+    autocast for both reduced precisions (the module docstring says why), on a GPU the
+    precision's own dtype."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else AUTOCAST[precision])
+
+
+def _run_chain(blocks, inputs, timing=None, precision="fp32", device=None) -> list[dict]:
     """Run each block kind once (in chain order, each block fed the previous one's outputs
     as fresh tensors, as a partition boundary would); a repeated kind reuses its record."""
+    device = device or torch.device("cpu")
     records, by_kind = [], {}
     for spec in blocks:
         if spec.kind not in by_kind:
-            module = spec.build()
-            by_kind[spec.kind] = (_measure(module, inputs) if timing is None
-                                  else {"seconds": _time(module, inputs, *timing)},
-                                  _outputs_like(module, inputs))
+            module = spec.build().to(device)
+            by_kind[spec.kind] = (_measure(module, inputs, precision) if timing is None
+                                  else {"seconds": _time(module, inputs, *timing, precision, device)},
+                                  _outputs_like(module, inputs, precision, device))
         record, outputs = by_kind[spec.kind]
         records.append(record)
         inputs = outputs
@@ -142,13 +182,14 @@ def _fresh(inputs) -> tuple:
                  for t in inputs)
 
 
-def _outputs_like(module, inputs) -> tuple:
-    out = module(*_fresh(inputs))
+def _outputs_like(module, inputs, precision, device) -> tuple:
+    with autocast(precision, device):
+        out = module(*_fresh(inputs))
     outputs = out if isinstance(out, tuple) else (out,)
     return tuple(o.detach().requires_grad_(o.requires_grad) for o in outputs)
 
 
-def _measure(module: nn.Module, inputs: tuple) -> dict:
+def _measure(module: nn.Module, inputs: tuple, precision: str) -> dict:
     x = _fresh(inputs)
     weight_ptrs = {p.data_ptr() for p in module.parameters()}
     input_storages = {t.untyped_storage().data_ptr(): k for k, t in enumerate(x) if torch.is_tensor(t)}
@@ -160,7 +201,7 @@ def _measure(module: nn.Module, inputs: tuple) -> dict:
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    with _Kernels() as forward_kernels, FlopCounterMode(display=False) as forward_flops:
+    with _Kernels() as forward_kernels, _flop_counter() as forward_flops, autocast(precision, torch.device("cpu")):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = module(*x)
     outputs = out if isinstance(out, tuple) else (out,)
@@ -171,7 +212,7 @@ def _measure(module: nn.Module, inputs: tuple) -> dict:
             return ("in", input_storages[ptr])
         return ("own", own[ptr]) if ptr in own else ("new", k)
     roots = [o for o in outputs if o.requires_grad]
-    with _Kernels() as backward_kernels, FlopCounterMode(display=False) as backward_flops:
+    with _Kernels() as backward_kernels, _flop_counter() as backward_flops:
         torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
     tensors = [t for t in x if torch.is_tensor(t)]
     return {"input_bytes": sum(t.numel() * t.element_size() for t in tensors),
@@ -182,26 +223,44 @@ def _measure(module: nn.Module, inputs: tuple) -> dict:
             "forward_kernels": forward_kernels.count, "backward_kernels": backward_kernels.count}
 
 
-def _time(module: nn.Module, inputs: tuple, repeats: int, make_optimizer: Callable) -> dict[str, float]:
+def _time(module: nn.Module, inputs: tuple, repeats: int, make_optimizer: Callable, precision: str,
+          device: torch.device) -> dict[str, float]:
     """Median seconds of a forward, a backward and a step of the task's optimizer, in this process."""
     times = {"forward": [], "backward": [], "update": []}
     optimizer = make_optimizer(list(module.parameters()))
     for attempt in range(repeats + 1):
         x = _fresh(inputs)
+        _synchronize(x)
         start = time.perf_counter()
-        out = module(*x)
-        middle = time.perf_counter()
+        with autocast(precision, device):
+            out = module(*x)
         outputs = out if isinstance(out, tuple) else (out,)
+        _synchronize(outputs)
+        middle = time.perf_counter()
         roots = [o for o in outputs if o.requires_grad]
         torch.autograd.backward(roots, [torch.ones_like(o) for o in roots])
+        _synchronize(outputs)
         end = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(outputs)
         if attempt:
             times["forward"].append(middle - start)
             times["backward"].append(end - middle)
             times["update"].append(time.perf_counter() - end)
     return {kind: statistics.median(v) for kind, v in times.items()}
+
+
+def _flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: the input gradient and the weight gradient each multiply
+    as many pairs as the forward did (grouped or not)."""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
 def _optimizer_bytes(module: nn.Module, make_optimizer: Callable) -> int:

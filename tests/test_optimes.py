@@ -156,6 +156,7 @@ def test_bad_profiles_name_the_field(tmp_path, change, message):
         load_profile(path)
 
 
+@pytest.mark.distributed   # it asks git for the commit
 def test_profile_device_writes_a_profile_the_planner_fits(tmp_path, capsys):
     """The prepared GPU command, on this CPU with tiny models: forward and backward curves
     per model and precision, with the device, command and commit as their source; a preset

@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 
-from wpipe.schedule import build_schedule, device_of, num_partitions, simulate
+from wpipe.schedule import Op, build_schedule, device_of, num_partitions, simulate
 from wpipe.schedule.check import ScheduleError, dependency
 
 COSTS = [(1, 1), (1, 2), (7, 3)]    # (tf, tb) per partition op; integers keep it exact and fast
@@ -158,3 +158,18 @@ def test_checks_the_schedule_first():
     schedule[0].reverse()
     with pytest.raises(ScheduleError, match=r"^device 0, step 1, op 0B1: deadlock"):
         simulate(schedule, "gpipe", 2, 2, 1, 2)
+
+
+@pytest.mark.parametrize("method, partition, overlaps", [
+    ("pipedream_2bw", 0, True), ("pipedream_flush", 0, False), ("wpipe", 2, False),
+    ("wpipe", 0, False)])   # wpipe's G0 ran period t+1's forwards before update t (§4.4): the next is t+2's
+def test_a_stale_partitions_update_overlaps_its_next_forward(method, partition, overlaps):
+    """Deferred updates: a stale partition's next forward runs on the version before the
+    update's, so it starts while the update's all-reduce is in flight (docs/design.md §6.3);
+    a synchronous partition's waits for the update."""
+    ops = build_schedule(method, 2, 8)
+    sim = simulate(ops, method, 2, 8, 1, 2, allreduce_cost=5, defer_updates=True)
+    device = ops[0]
+    u = device.index(Op("U", partition))
+    f = next(i for i in range(u + 1, len(device)) if device[i].kind == "F" and device[i].partition == partition)
+    assert (sim.start[0][f] < sim.start[0][u]) == overlaps

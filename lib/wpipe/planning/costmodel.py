@@ -209,6 +209,10 @@ def samples_per_second(method: str, depth: int, data_parallel: int, rank_layout:
         backward_transfer[p] = link.seconds(parts[p + 1].input_grad_bytes)
     allreduce = [hw.allreduce_seconds([topology.rank_of(r, topology.device_of(p)) for r in range(data_parallel)],
                                       parts[p].param_bytes) if per_update else 0.0 for p in range(n)]
+    if n == 1 and not schedule.get_method(method).stale(0, depth):
+        # The whole model, synchronous: DDP all-reduces buckets during the period's last
+        # backward (runtime/ddp.py); what outlasts that backward is exposed (ideal overlap).
+        allreduce = [max(allreduce[0] - times[0][1], 0.0)]
     seconds = _period_seconds(method, depth, tuple(times), tuple(forward_transfer), tuple(backward_transfer),
                               tuple(allreduce))
     return data_parallel * period * b / seconds

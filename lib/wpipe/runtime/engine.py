@@ -244,7 +244,7 @@ class Pipeline:
         try:
             for i, op in enumerate(ops):
                 self._doing = (i, op)
-                if op.partition in self.updates.pending and op.kind != "U":
+                if op.partition in self.updates.pending and self._needs_update(op):
                     self._finish_update(op.partition)
                 with torch.profiler.record_function(str(op)):
                     handlers[op.kind](i, op)
@@ -316,6 +316,13 @@ class Pipeline:
         t = self._updates_started[p]
         self._updates_started[p] += 1
         self.updates.start(op, i, t, self._periods_done + t, self._version(p, t * self._period))
+
+    def _needs_update(self, op) -> bool:
+        """Whether `op` needs its partition's pending update first: a backward (it starts the
+        next period's gradients) or an op on the version the update makes. A stale
+        partition's next forwards run on the version before: the update (its all-reduce)
+        overlaps them (docs/design.md §6.3)."""
+        return op.kind != "F" or self._version(op.partition, op.micro_batch) > self.versions[op.partition].newest
 
     def _finish_update(self, p) -> None:
         running = self._doing

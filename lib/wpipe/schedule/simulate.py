@@ -7,7 +7,9 @@ Transfers overlap with compute and never contend (sends are asynchronous). A "U"
 (optimizer step) starts when its device is free and its data-parallel all-reduce, started
 when the device reached the U, has finished. With `defer_updates` (what the engine does),
 a device that reaches a U keeps it pending and runs it when it would otherwise wait for a
-message, or at the latest before the partition's next op.
+message, or at the latest before the partition's next op that needs it: a backward, or a
+forward on the version the update makes (a stale partition's next forwards run on the
+version before, so its all-reduce overlaps them).
 
 Times are in whatever unit the costs are given in. Integer or `Fraction` costs give exact
 results (`bubble_fraction` a `Fraction`), floats give floats. Memory is counted in units
@@ -21,7 +23,7 @@ from fractions import Fraction
 from numbers import Rational
 
 from .check import Report, check_schedule, dependency
-from .methods import Op, device_of
+from .methods import Op, default_period, device_of, weights_version
 from .methods import num_partitions as count_partitions
 
 Time = int | Fraction | float
@@ -93,10 +95,20 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
         start[d][i] = max(free[d], earliest)
         end[d][i] = free[d] = start[d][i] + costs[op.kind][op.partition]
 
+    period = micro_batches_per_update or default_period(method, depth)
+    updates_run = [0] * n
+
     def run_updates(d, which):
         for j, reached in [u for u in pending[d] if which(*u)]:
             pending[d].remove((j, reached))
             run(d, j, reached + allreduce[schedule[d][j].partition])
+            updates_run[schedule[d][j].partition] += 1
+
+    def waits_for_update(d, op, j):
+        """Whether `op` on device d needs the pending update at step j (the engine's rule)."""
+        return (schedule[d][j].partition == op.partition
+                and (op.kind == "B" or weights_version(method, op.partition, depth, op.micro_batch, period)
+                     > updates_run[op.partition]))
 
     # Lockstep ticks order every op after its dependency and after its device's earlier ops.
     order = sorted((tick, d, i) for d, ticks in enumerate(report.ticks) for i, tick in enumerate(ticks))
@@ -107,7 +119,7 @@ def simulate(schedule: list[list[Op]], method: str, depth: int, num_micro_batche
             if not defer_updates:
                 run_updates(d, lambda j, reached: True)
             continue
-        run_updates(d, lambda j, reached: schedule[d][j].partition == op.partition)
+        run_updates(d, lambda j, reached: waits_for_update(d, op, j))
         arrival, dep = 0, dependency(op, n)
         if dep is not None:
             arrival = finished[(dep.kind, dep.partition, dep.micro_batch)]

@@ -33,6 +33,7 @@ from ..trace import Recorder, common_origin
 from .emulation import EmulatedLinks, EmulatedMean
 from .transport import Links, Place
 from .updates import GradientMean
+from .watchdog import Watchdog
 from .wire import Wire
 
 
@@ -118,19 +119,20 @@ def connect(cfg, topology: Topology, trace: Recorder) -> Links:
         torch.cuda.set_device(device)
     groups = create_groups(topology, rank, backend, p2p_backend, cfg.timeout_s)
     emulated, lazy = p2p_backend == "nccl_emulated", cfg.communicators == "lazy"
+    watchdog = Watchdog(rank, cfg.timeout_s)    # deadlines of what the GPU stream waits for
     mean = None
     if groups.data_parallel is not None:
         # gloo carries CUDA tensors only through CPU buffers: the flat copy is made there.
         replicas = [topology.rank_of(r, device_index) for r in range(topology.data_parallel)]
         args = (groups.data_parallel, replicas, torch.device("cpu") if backend == "gloo" else device, rank,
-                cfg.timeout_s)
+                cfg.timeout_s, watchdog)
         mean = EmulatedMean(*args) if emulated else GradientMean(*args)
     posting = "ahead" if p2p_backend == "gloo" else "taken"     # over NCCL: transport.py says why
     # What the engine proves each call under: NCCL's rules at their worst, with the warm-up
     # and this posting (nothing under lazy creation, where wpipe deadlocks).
     rules = comms.GLOO if p2p_backend == "gloo" else None if lazy else replace(comms.NCCL, posting=posting)
     common = dict(trace=trace, wire=Wire(cfg.wire_dtype), stage=p2p_backend != "nccl" and device.type == "cuda",
-                  p2p_backend=p2p_backend, mean=mean, posting=posting, rules=rules)
+                  p2p_backend=p2p_backend, mean=mean, posting=posting, rules=rules, watchdog=watchdog)
     place = Place(rank, replica, device_index, device)
     if emulated:
         links = EmulatedLinks(place, groups.streams, cfg.timeout_s, **common)

@@ -54,7 +54,10 @@ included: each data group (and data-parallel group) is used once at start-up, in
 global order (`warm_up`), so that no first message waits for its communicator's creation.
 
 Every wait has a timeout and fails with `CommError` naming both ranks, the message and
-the likely cause.
+the likely cause. Tensors on the GPU (an NCCL data group) are waited for by the compute
+stream, not the host (a host wait with a timeout would drain the device at every
+message): their deadlines go to a `watchdog.Watchdog`, checked at every send and receive.
+Headers and metadata travel on the CPU and are waited for on the host, with the timeout.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from ..schedule.comms import Rules
 from ..trace import WAIT, WAIT_RECV, span_name
 from .precision import Agreement, LossScaler
 from .updates import GradientMean
+from .watchdog import Watchdog
 from .wire import Wire, decode_metadata, encode_metadata
 
 KIND_CODES = {"F": 0, "B": 1}
@@ -138,7 +142,7 @@ class Links:
 
     def __init__(self, place: Place, streams: dict, timeout_s: float, trace=None, wire: Wire | None = None,
                  stage: bool = False, p2p_backend: str = "gloo", mean: GradientMean | None = None,
-                 posting: str = "ahead", rules: Rules | None = None):
+                 posting: str = "ahead", rules: Rules | None = None, watchdog: Watchdog | None = None):
         self.place, self.rank, self.device = place, place.rank, place.device
         self.streams = streams
         self.p2p_backend, self.mean = p2p_backend, mean
@@ -147,6 +151,8 @@ class Links:
         self.stage = stage
         self.wire_device = torch.device("cpu") if stage else place.device
         self.timeout = timedelta(seconds=timeout_s)
+        self.watchdog = watchdog or Watchdog(place.rank, timeout_s)
+        self.on_device = self.wire_device.type == "cuda"   # the data groups are NCCL's
         self.trace = trace
         self.metadata: dict[tuple, list] = {}            # stream -> metadata both ends know
         self.expected: dict[tuple, list[tuple]] = {}     # incoming stream -> keys still to come
@@ -172,6 +178,7 @@ class Links:
 
     def send(self, key: tuple[str, int, int], tensors: tuple[torch.Tensor, ...]) -> None:
         """Start sending `tensors` (detached, made contiguous) on the stream of `key`."""
+        self.watchdog.check()
         stream = key[:2]
         _, dst, control, data = self.streams[stream]
         # The gradient flags tell the receiver which inputs are leaves to differentiate.
@@ -221,6 +228,7 @@ class Links:
         """Receive the message `key`; `waiter` names the op that needs it, for errors and
         the trace. Received floats flagged as needing gradients come back as leaves with
         requires_grad=True."""
+        self.watchdog.check()
         if key in self.early:
             return self.early.pop(key)
         if self.trace is None or not self.trace.enabled:
@@ -307,7 +315,7 @@ class Links:
         elif works is None:   # posted when taken
             tensors, works = self._recv_data(stream, decode_metadata(self.metadata[stream]), waiter)
         for work in works:
-            self._wait(work, src, key, waiter, "data")
+            self._wait(work, src, key, waiter, "data", on_device=self.on_device)
         self._post_next(stream)
         meta = decode_metadata(self.metadata[stream])
         if self.stage:   # from the pinned buffers, ordered before the compute that uses them
@@ -315,12 +323,18 @@ class Links:
         tensors = self.wire.decode(tensors, [restore for _, restore, _, _ in meta])
         return key, tuple(t.requires_grad_() if flag else t for t, (_, _, flag, _) in zip(tensors, meta))
 
-    def _wait(self, work, src, key, waiter, part):
-        """Wait for `work`, the `part` of message `key` (None: `part` names the message)."""
+    def _wait(self, work, src, key, waiter, part, on_device: bool = False):
+        """Wait for `work`, the `part` of message `key` (None: `part` names the message):
+        `on_device`, the compute stream waits and the watchdog keeps the deadline; else
+        the host, up to the timeout."""
+        what = part if key is None else f"the {part} of {_name(key)}"
+        if on_device:
+            work.wait()
+            self.watchdog.watch(work, f"op {waiter}: {what} from rank {src}")
+            return
         try:
             work.wait(self.timeout)
         except Exception as error:
-            what = part if key is None else f"the {part} of {_name(key)}"
             raise CommError(
                 f"rank {self.rank}, op {waiter}: waited for {what} from rank {src} "
                 f"and none came within {self.timeout.total_seconds():g} s ({type(error).__name__}: "
@@ -332,8 +346,13 @@ class Links:
         self.in_flight = [entry for entry in self.in_flight if not entry[0].is_completed()]
 
     def finish(self, waiter: str = "end of train") -> None:
-        """Wait until every send has left (a sender must keep its tensors until then)."""
+        """Wait until every send has left (a sender must keep its tensors until then); on
+        the device, the compute stream waits (NCCL keeps the tensors until then)."""
         for work, _, what in self.in_flight:
+            if self.on_device:
+                work.wait()
+                self.watchdog.watch(work, f"{waiter}: the send of {what}")
+                continue
             try:
                 work.wait(self.timeout)
             except Exception as error:

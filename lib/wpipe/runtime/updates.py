@@ -22,6 +22,7 @@ from ..schedule import Op
 from ..trace import COMPUTE, REDUCE, WAIT, WAIT_ALLREDUCE, Recorder, span_name
 from .precision import overflowed
 from .versions import WeightVersions
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -36,9 +37,11 @@ class GradientMean:
     per update on the group `group` of global ranks `ranks`, staged on `device` (the CPU
     when the group is gloo and the gradients live on a GPU)."""
 
-    def __init__(self, group, ranks: list[int], device: torch.device, rank: int, timeout_s: float):
+    def __init__(self, group, ranks: list[int], device: torch.device, rank: int, timeout_s: float,
+                 watchdog: Watchdog | None = None):
         self.group, self.ranks, self.device, self.rank = group, ranks, device, rank
         self.timeout = timedelta(seconds=timeout_s)
+        self.watchdog = watchdog or Watchdog(rank, timeout_s)
 
     def start(self, grads: list[torch.Tensor]) -> Reduction:
         flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
@@ -48,7 +51,13 @@ class GradientMean:
         return reduction.work.is_completed()
 
     def wait(self, reduction: Reduction, op: Op) -> None:
-        """Until the all-reduce of `op`'s update completed (timeout: CommError naming the ranks)."""
+        """Until the all-reduce of `op`'s update completed (timeout: CommError naming the
+        ranks). On a GPU the compute stream waits, the watchdog keeps the deadline."""
+        if self.device.type == "cuda":
+            reduction.work.wait()
+            self.watchdog.watch(reduction.work, f"op {op}: the data-parallel all-reduce of partition "
+                                                f"{op.partition}'s gradients over ranks {self.ranks}")
+            return
         try:
             reduction.work.wait(self.timeout)
         except Exception as error:

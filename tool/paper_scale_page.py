@@ -131,8 +131,9 @@ def conclusion(cells, models, memory, profile, equal, script_hw) -> list[str]:
               f"{len(equal['ratios'])} configurations of the released scripts' sweep on {script_hw.name.split(',')[0]} "
               f"(up to {equal['ratios'][0][0]:.2f}x), "
               + ("all with data parallelism (D >= 2), " if all(int(r[2].split("x")[1]) > 1 for r in high) else "")
-              + "where the data-parallel all-reduce that WPipe's two partitions per device hide and 2BW's one "
-              "exposes in this runtime dominates (the released scripts' section says why).",
+              + "where the data-parallel all-reduce, which WPipe's second partition on each device hides and "
+              "2BW's one partition hides only behind its next forward, dominates (the released scripts' section "
+              "says why).",
               "* Where WPipe is 5% or more ahead, what carries it: "
               + (", ".join(f"{name} in {count}" for name, count in sorted(carriers.items(), key=lambda x: -x[1]))
                  if carriers else "nothing") + ". Layout: WPipe's smaller footprint (with recomputation) fits a "
@@ -140,8 +141,9 @@ def conclusion(cells, models, memory, profile, equal, script_hw) -> list[str]:
               "Schedule: at equal configuration WPipe differs by its 2N half-size partitions: twice the boundary "
               "transfers (its schedule factor is below 1 wherever activations are large), finer balancing, and at "
               "N = 1 an all-reduce of one partition that overlaps the other's backward (this runtime all-reduces "
-              "one flat buffer per partition after its backwards; a bucketed all-reduce, as PyTorch DDP's, would "
-              "give 2BW the same overlap)."]
+              "one flat buffer per partition after its period's backwards, hidden until the partition's next "
+              "backward; an all-reduce bucketed during the backward, as data_parallel's DDP here, would give "
+              "2BW more of that overlap)."]
     lines += memory_summary(memory, family) + ["", why_text(above, profile), ""]
     return lines
 
@@ -208,12 +210,13 @@ def equal_text(equal) -> str:
             + f". The largest, {top[0]:.2f} ({Path(top[1]).stem} {top[2]}, recompute {'on' if top[3] else 'off'}, "
             f"micro-batch {top[4]}), is {equal['top_without_updates']:.2f} with optimizer steps and all-reduces made "
             "free: it is the data-parallel all-reduce. This runtime all-reduces a partition's gradients in one "
-            "buffer after the period's last backward and applies the update before that partition's next op; "
-            "2BW's next op on a device is its one partition's next forward, so the all-reduce waits in full, "
-            "while WPipe runs its other group's ops meanwhile. Where replicas span nodes over a slow network and "
-            "micro-batches are small this is worth 1.4x and more at equal configuration; each method's best "
-            "configuration (the map) avoids it with larger micro-batches or shallower data parallelism, and an "
-            "all-reduce overlapped with the backward (bucketed, as PyTorch DDP's) would hide it for 2BW too.")
+            "buffer after the period's last backward and applies the update before that partition's next "
+            "backward (docs/design.md §6.3); 2BW's one partition per device hides it behind one forward, "
+            "WPipe's two behind the other group's ops as well. Where replicas span nodes over a slow network and "
+            "micro-batches are small the all-reduce outlasts a forward by far, and this is worth 1.4x and more "
+            "at equal configuration; each method's best configuration (the map) avoids it with larger "
+            "micro-batches or shallower data parallelism, and an all-reduce bucketed during the backward (as "
+            "data_parallel's DDP here) would hide more of it for 2BW too.")
 
 
 def describe_cell(kc) -> str:

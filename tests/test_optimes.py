@@ -181,7 +181,8 @@ def test_profile_device_writes_a_profile_the_planner_fits(tmp_path, capsys):
     assert profile_main(["--configs", "network_conf/cv_tiny.yaml", "--micro-batches", "1,2", "--precisions", "fp32",
                          "--output", str(tmp_path / "x.yaml"), "--cache-dir", ""]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "error: resnext_tiny_c10_px32 at micro-batch 1, fp32: Expected more than 1 value per channel")
+        "error: resnext_tiny_c10_px32 at micro-batch 1, fp32: image_size 32 px with micro_batch_size 1: ResNeXt "
+        "downsamples it to 1 x 1 px, where BatchNorm (training) sees one value per channel")
 
 
 def test_a_measured_backward_curve_replaces_the_rule():

@@ -8,7 +8,8 @@ Public API (README, docs/design.md):
     reference                                -- the single-process oracle
 
 Layers (each imports only from those after it): train -> runtime -> schedule, and
-planning -> schedule; all may use config, errors, files and trace. Names are imported on
+planning -> schedule (and runtime.memory, the one accounting rule); all may use config,
+errors, files and trace. Names are imported on
 first use, so `python -m wpipe` and the pure side do not load torch.
 """
 import importlib

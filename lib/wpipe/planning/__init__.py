@@ -1,4 +1,5 @@
-"""Planning: what a configuration costs before it runs.
+"""Planning: what a configuration costs before it runs. Above the pure side (wpipe.schedule);
+of the runtime it uses only runtime.memory, so that blocks are measured by the engine's rule.
 
     partition   cut a chain of blocks into contiguous partitions (pure)
     blockcost   per-block bytes, FLOPs, kernels, seconds (pure data)

@@ -47,7 +47,7 @@ class PartitionCost:
     optimizer_bytes: int
     input_bytes: int          # received (or the micro-batch data) and stashed per micro-batch
     input_grad_bytes: int     # gradients sent back per micro-batch
-    saved_bytes: int          # what autograd saves in one forward (each storage once)
+    saved_bytes: int          # what autograd saves in one forward (each storage once), inputs aside
     forward_flops: float
     backward_flops: float
     forward_kernels: int
@@ -75,9 +75,11 @@ def _partition(blocks: list[BlockCost], r: range, b: int) -> PartitionCost:
         for label, size in block.saved:
             stored[resolve(label)] = size(b)
         current = [resolve(label) for label in block.outputs]
+    # The partition's inputs are stashed as inputs: the engine counts them once, there.
+    saved = sum(size for label, size in stored.items() if label[0] != "partition input")
     return PartitionCost(
         r, sum(blocks[i].param_bytes for i in r), sum(blocks[i].optimizer_bytes for i in r),
-        round(first.input_bytes(b)), round(first.input_grad_bytes(b)), round(sum(stored.values())),
+        round(first.input_bytes(b)), round(first.input_grad_bytes(b)), round(saved),
         sum(blocks[i].forward_flops(b) for i in r), sum(blocks[i].backward_flops(b) for i in r),
         sum(blocks[i].forward_kernels for i in r), sum(blocks[i].backward_kernels for i in r))
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..runtime import memory
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
@@ -32,7 +34,7 @@ MICRO_BATCHES = (2, 4)
 """Sizes measured (2 and up: BatchNorm needs two values per channel at a 1 x 1 image)."""
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Part of the cache file names: raise it when what measure_blocks records changes."""
 
 
@@ -191,18 +193,10 @@ def _outputs_like(module, inputs, precision, device) -> tuple:
 
 def _measure(module: nn.Module, inputs: tuple, precision: str) -> dict:
     x = _fresh(inputs)
-    weight_ptrs = {p.data_ptr() for p in module.parameters()}
     input_storages = {t.untyped_storage().data_ptr(): k for k, t in enumerate(x) if torch.is_tensor(t)}
     saved: dict[int, int] = {}
-
-    def pack(t):   # as engine.Pipeline._count_saved
-        ptr = t.untyped_storage().data_ptr()
-        if t.data_ptr() not in weight_ptrs and ptr not in saved:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
     with _Kernels() as forward_kernels, _flop_counter() as forward_flops, autocast(precision, torch.device("cpu")):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with memory.count_saved(saved, module.parameters()):   # the engine's rule; inputs labelled below
             out = module(*x)
     outputs = out if isinstance(out, tuple) else (out,)
     own = {ptr: j for j, ptr in enumerate(p for p in saved if p not in input_storages)}

@@ -32,7 +32,8 @@ from torch.func import functional_call
 from .. import schedule
 from ..config import PipelineConfig
 from ..errors import CommError
-from ..schedule import Topology, check_schedule, format_schedule, last_uses
+from ..schedule import Topology, last_uses
+from ..schedule.check import checked_schedule, locate
 from ..schedule.messages import incoming
 from ..trace import CALL, COMPUTE, RECOMPUTE, TRAIN, WAIT, WAIT_SENDS, Recorder, span_name
 from . import memory, precision, recompute
@@ -218,13 +219,7 @@ class Pipeline:
         version's last use in it."""
         cfg = self.cfg
         period = schedule.validate(cfg.method, cfg.pipeline_depth, total, cfg.micro_batches_per_update)
-        full = schedule.build_schedule(cfg.method, cfg.pipeline_depth, total, period)
-        # The orders repeat every period: proving the first few periods proves the rest.
-        checked = min(total, 8 * period)
-        check_schedule(full if checked == total else
-                       schedule.build_schedule(cfg.method, cfg.pipeline_depth, checked, period),
-                       cfg.method, cfg.pipeline_depth, checked, period,
-                       topology=self.topology, rules=self.transport.rules)
+        full = checked_schedule(cfg.method, cfg.pipeline_depth, total, period, self.topology, self.transport.rules)
         self._period = period
         ops = full[self.device_index]
         stale = schedule.get_method(cfg.method).stale
@@ -254,10 +249,9 @@ class Pipeline:
             raise
         except Exception as error:
             i, op = self._doing
-            grid = (format_schedule(full, (self.device_index, i)) if len(full[0]) <= 200
-                    else "ops here: " + " ".join(str(o) for o in ops[max(0, i - 6):i + 7]))
             raise RuntimeError(f"rank {self.rank} (replica {self.replica}, device {self.device_index}), "
-                               f"step {i}, op {op}: {type(error).__name__}: {error}\n{grid}") from error
+                               f"step {i}, op {op}: {type(error).__name__}: {error}\n"
+                               f"{locate(full, self.device_index, i)}") from error
 
     def _forward(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
@@ -273,7 +267,7 @@ class Pipeline:
                 with self.precision.autocast():
                     out = self._call(p, weights, inputs)
             else:
-                with memory.count_saved(saved, self._weights(p, weights)), self.precision.autocast():
+                with memory.count_saved(saved, [*self._weights(p, weights), *inputs]), self.precision.autocast():
                     out = self._call(p, weights, inputs, mb)
             outputs = out if isinstance(out, tuple) else (out,)
             loss = None
@@ -367,7 +361,7 @@ class Pipeline:
         """The forward again with autograd, as the first time (recompute.as_before)."""
         weights, saved = self.versions[p].weights(entry.version), {}
         with recompute.as_before(self.local_partitions[p], entry.rng, self.device):
-            with memory.count_saved(saved, self._weights(p, weights)), self.precision.autocast():
+            with memory.count_saved(saved, [*self._weights(p, weights), *entry.inputs]), self.precision.autocast():
                 out = self._call(p, weights, entry.inputs, mb)
         self.stash.working_set(sum(saved.values()))
         loss = (self.loss_fn(self.precision.loss_input(out), self._feed.target(mb))

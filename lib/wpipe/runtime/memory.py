@@ -2,11 +2,12 @@
 model's blocks) and tool/bench.py, so that predictions and runs count the same thing.
 
 * **Saved activations** (`count_saved`): every storage autograd saves during a forward,
-  each storage once, the weights' storages excluded, in the dtype it is stored in (so
-  autocast's fp16/bf16 copies count at their size).
-* **A stash entry** (`Stash`): what one forward leaves for its backward: the saved bytes
-  (none with recomputation) plus the partition's inputs. `Stash` holds the entries and
-  the most bytes held at once (`peak`), a recomputation's working set included.
+  each storage once, in the dtype it is stored in (so autocast's fp16/bf16 copies count at
+  their size), the weights' storages excluded, and in a partition the storages of its
+  inputs too (they are counted once, as inputs).
+* **A stash entry** (`Stash`): what one forward leaves for its backward: the partition's
+  inputs plus the other saved bytes (none with recomputation). `Stash` holds the entries
+  and the most bytes held at once (`peak`), a recomputation's working set included.
 * **The process peak** (`process_peak`): CUDA max allocated on a GPU, else the CPU max
   resident set.
 """
@@ -24,14 +25,15 @@ def nbytes(tensors: Iterable) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-def count_saved(saved: dict[int, int], weights: Iterable[torch.Tensor]):
+def count_saved(saved: dict[int, int], exclude: Iterable):
     """Context manager: while it is open, record in `saved` (storage pointer -> bytes) each
-    storage autograd saves for the backward, except the storages of `weights`."""
-    weight_storages = {t.untyped_storage().data_ptr() for t in weights}
+    storage autograd saves for the backward, except the storages of the tensors among
+    `exclude` (the weights; a partition's inputs, counted apart)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude if torch.is_tensor(t)}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in weight_storages:
+        if storage.data_ptr() not in excluded:
             saved.setdefault(storage.data_ptr(), storage.nbytes())
         return t
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)

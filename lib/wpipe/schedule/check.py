@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ScheduleError
 from .comms import Rules, check_communication
-from .methods import Op, get_method, validate, weights_version
+from .methods import Op, build_schedule, get_method, validate, weights_version
 from .topology import Topology
 
 Schedule = list[list[Op]]
@@ -156,6 +156,25 @@ def check_schedule(schedule: Schedule, method: str, depth: int, num_micro_batche
         for p in sorted({op.partition for op in ops}):
             reports[p] = _replay(ops, d, p, method, depth, period, num_micro_batches, fail)
     return Report(ticks, reports)
+
+
+def checked_schedule(method: str, depth: int, num_micro_batches: int, period: int, topology=None,
+                     rules=None) -> Schedule:
+    """build_schedule, proved by check_schedule (with `topology` and `rules`, its
+    communication too). The orders repeat every period: the first 8 periods are checked."""
+    full = build_schedule(method, depth, num_micro_batches, period)
+    checked = min(num_micro_batches, 8 * period)
+    check_schedule(full if checked == num_micro_batches else build_schedule(method, depth, checked, period),
+                   method, depth, checked, period, topology=topology, rules=rules)
+    return full
+
+
+def locate(schedule: Schedule, device: int, step: int) -> str:
+    """Where op `step` of `device` sits, for an error: the grid with it marked, or the ops
+    around it when the schedule is too long to print."""
+    if len(schedule[0]) <= 200:
+        return format_schedule(schedule, (device, step))
+    return "ops here: " + " ".join(str(o) for o in schedule[device][max(0, step - 6):step + 7])
 
 
 def last_uses(ops, partition: int, version_of) -> dict[int, int]:

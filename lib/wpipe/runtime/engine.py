@@ -10,7 +10,8 @@ Every rank builds its own partitions, checks the schedule, then walks its device
 * B: backward from the loss (scaled by 1/m) or from the received output gradients (after
   a recomputation, recompute.py), send the input gradients back;
 * U: start the group's update (updates.py); it finishes when this rank would otherwise
-  wait for a message, or at the latest before the partition's next op.
+  wait for a message, or at the latest before the partition's next op that needs it (a
+  backward, or an op on the version it makes: a stale partition's next forwards overlap it).
 
 The ranks around it are one `Transport` (transport.py): the real links over process groups
 (`distributed.connect`), or the probe's loopback. Failures are re-raised naming rank, step

@@ -162,6 +162,7 @@ def test_four_processes_match_reference(four_process_results, name):
     assert_matches_reference(four_process_results, name)
 
 
+@pytest.mark.distributed
 @NO_CUDA
 @pytest.mark.parametrize("nproc, cases", [(2, CUDA_TWO), (4, CUDA_FOUR)])
 def test_cuda_ranks_sharing_a_gpu_match_reference(tmp_path, nproc, cases):

@@ -172,7 +172,7 @@ def test_rehearsal_compares_every_traced_op_with_the_probe(rehearsal):
     record = document["checks"]["cuda_trace"]
     assert record["status"] in ("passed", "failed"), stdout[-4000:]
     ratios = record["figures"]["ratios"]
-    assert sorted(ratios) == ["0", "1", "2", "3"]
+    assert sorted(ratios) == ["0", "1"]                 # wpipe 1x1: partitions 0 and 1
     assert all(set(gpu_check.TRACE_JUDGED) <= set(row) and all(r > 0 for r in row.values()) for row in ratios.values())
     if record["status"] == "failed":
         assert record["reason"].startswith("traced op times off probe mode's by more than 15%")

@@ -275,12 +275,12 @@ class Pipeline:
             if p == self.last_partition:
                 loss = self.loss_fn(self.precision.loss_input(out), self._feed.target(mb, keep=self.cfg.recompute))
                 self._loss_sum[mb // self._period] += loss.detach()
-            else:
-                self._send(("F", p, mb), p + 1, outputs)
             del out
-            keep = not self.cfg.recompute
-            self.stash.put((p, mb), memory.Stashed(inputs, outputs if keep else None, loss if keep else None,
-                                                   version, rng, sum(saved.values()) + memory.nbytes(inputs)))
+        if p != self.last_partition:    # after the span: it holds the op's compute alone
+            self._send(("F", p, mb), p + 1, outputs)
+        keep = not self.cfg.recompute
+        self.stash.put((p, mb), memory.Stashed(inputs, outputs if keep else None, loss if keep else None,
+                                               version, rng, sum(saved.values()) + memory.nbytes(inputs)))
 
     def _backward(self, i, op) -> None:
         p, mb = op.partition, op.micro_batch
@@ -301,10 +301,10 @@ class Pipeline:
                     raise RuntimeError(f"partition {p} has {len(roots)} outputs that need gradients "
                                        f"but {len(grads)} gradients came back")
                 torch.autograd.backward(roots, grads)
-            if p > 0:
-                self._send(("B", p, mb), p - 1, tuple(x.grad if x.grad is not None else torch.zeros_like(x)
-                                                      for x in entry.inputs if x.requires_grad))
-            self.stash.release(entry)
+        if p > 0:
+            self._send(("B", p, mb), p - 1, tuple(x.grad if x.grad is not None else torch.zeros_like(x)
+                                                  for x in entry.inputs if x.requires_grad))
+        self.stash.release(entry)
 
     def _update(self, i, op) -> None:
         p = op.partition

@@ -10,11 +10,12 @@ import yaml
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from launch import ROOT
+from flop_model_error import main as flop_error_main
 from model_chains import load_model
 from profile_device import main as profile_main
 from wpipe.planning.blockcost import Affine, BlockCost
 from wpipe.planning.hardware import load_hardware
-from wpipe.planning.measure import _flop_counter
+from wpipe.planning.measure import _flop_counter, cached_blocks
 from wpipe.planning.optimes import (BACKWARD_PER_FORWARD, Curve, Fit, FittedTimes, FlopTimes, fit, leave_one_out,
                                     load_profile, model_shape, op_times, update_seconds)
 
@@ -183,6 +184,30 @@ def test_profile_device_writes_a_profile_the_planner_fits(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: resnext_tiny_c10_px32 at micro-batch 1, fp32: image_size 32 px with micro_batch_size 1: ResNeXt "
         "downsamples it to 1 x 1 px, where BatchNorm (training) sees one value per channel")
+
+
+def test_flop_model_error_is_the_model_over_the_measured(tmp_path, capsys):
+    """A profile measured at half the FLOP model's speed reads 2.00 at every point; a
+    profile of another model is one error line."""
+    hardware = ROOT / "network_conf" / "hardware" / "h200_141gb_8x.yaml"
+    model = load_model(ROOT / "network_conf" / "nlp_tiny.yaml")[0]
+    blocks = cached_blocks(model, None)
+    times = FlopTimes(load_hardware(hardware), "fp32")
+    shape = model_shape(model.description)
+    family = shape.pop("family")
+    curves = [{"family": family, "network": model.description, "shape": shape, "precision": "fp32",
+               "pass": pass_, "network_blocks": len(blocks),
+               "network_forward_flop": sum(b.forward_flops(1) for b in blocks), "source": {"device": "half"},
+               "points": {b: b / sum(times.block_seconds(x, b)[column] for x in blocks) / 2 for b in (2, 4)}}
+              for column, pass_ in enumerate(("forward", "backward"))]
+    profile = tmp_path / "half.yaml"
+    profile.write_text(yaml.safe_dump({"device": "half", "curves": curves}))
+    args = ["--hardware", str(hardware), "--profile", str(profile), "--cache-dir", ""]
+    assert flop_error_main([*args, "--configs", "network_conf/nlp_tiny.yaml"]) == 0
+    table = capsys.readouterr().out
+    assert "| fp32 | forward | 2.00 | 2.00 |" in table and "| fp32 | backward | 2.00 | 2.00 |" in table
+    assert flop_error_main([*args, "--configs", "network_conf/cv_tiny.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {profile} measured no curve of resnext_tiny_c10_px32"
 
 
 def test_a_measured_backward_curve_replaces_the_rule():

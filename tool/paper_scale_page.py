@@ -94,8 +94,9 @@ def markdown(cells, models, presets, memory, scripts, equal, script_hw, profile,
               "bfloat16 autocast, a stand-in for a GPU's fp16 autocast (same element size; the op lists differ in "
               "a few ops).",
               "* H100 and H200 have no published per-batch curve here: their figures use the FLOP model with an "
-              "assumed efficiency and launch cost (their presets say so); the prepared profile command above would "
-              "replace that with measured curves.",
+              "assumed efficiency and launch cost (their presets say so). Measured on one H200 up to micro-batch 32, "
+              "that model is up to 20x too fast at small micro-batches (docs/planning.md), which favours "
+              "configurations that run small ones.",
               "", f"Generated in {seconds:.0f} s on CPU."]
     return "\n".join(lines) + "\n"
 
@@ -423,7 +424,7 @@ def fit_lines(profile) -> list[str]:
 
 
 def probe_command_lines() -> list[str]:
-    return ["## Measuring a GPU instead (prepared, not run: no GPU was available)", "",
+    return ["## Measuring a GPU instead", "",
             "On a machine with one GPU, this times every block kind of BERT-96 (the paper's BERT at BERT-Base "
             "width; its device share under any layout is made of these blocks) and of ResNeXt-200 forward, "
             "backward and optimizer step at micro-batch 1..32 in fp32 and bf16, fits the curves, and writes a "
@@ -433,11 +434,14 @@ def probe_command_lines() -> list[str]:
             "network_conf/cv_throughput_resnext200.yaml --micro-batches 1,2,4,8,16,32 --precisions fp32,bf16 "
             "--output network_conf/profiles/h200_measured.yaml",
             "```", "",
-            "Then set `op_times: fitted` and `profile: ../profiles/h200_measured.yaml` in "
-            "`network_conf/hardware/h200_141gb_8x.yaml` (keep its `bf16` peak) and rerun `sh "
-            "experiments/paper_scale.sh`: measured curves replace the FLOP model (measured beats published). "
-            "Recomputation needs no extra timing (it is a forward again); probe mode (`--mode probe`, fp32) "
-            "can cross-check a whole device's op times and memory at 8x1 and 4x2.", ""]
+            "It ran on one H200 (with `--precisions fp32,fp16,bf16`): the profile is committed, but no preset "
+            "uses it, since up to micro-batch 32 the H200 is still bound by kernel launches and the per-sample "
+            "cost the planner extrapolates to 512 does not show (docs/planning.md compares it with the FLOP "
+            "model). With points up to 512 (`--micro-batches 1,2,...,512`), set `op_times: fitted` and "
+            "`profile: ../profiles/h200_measured.yaml` in `network_conf/hardware/h200_141gb_8x.yaml` and rerun "
+            "`sh experiments/paper_scale.sh`: measured curves replace the FLOP model. Recomputation needs no "
+            "extra timing (it is a forward again); probe mode (`--mode probe`) cross-checks a whole device's op "
+            "times and memory.", ""]
 
 
 def validation_lines(validation: dict) -> list[str]:

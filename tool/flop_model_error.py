@@ -22,9 +22,7 @@ from model_chains import CACHE, ROOT, load_model  # noqa: E402
 
 from wpipe.planning.hardware import load_hardware  # noqa: E402
 from wpipe.planning.measure import cached_blocks  # noqa: E402
-from wpipe.planning.optimes import FlopTimes, load_profile  # noqa: E402
-
-PASSES = {"forward": 0, "backward": 1}
+from wpipe.planning.optimes import PASSES, FlopTimes, load_profile  # noqa: E402
 
 
 def ratios(hw, profile, model, blocks) -> list[tuple[str, str, dict[int, float]]]:
@@ -34,7 +32,7 @@ def ratios(hw, profile, model, blocks) -> list[tuple[str, str, dict[int, float]]
         if curve.network != model.description or curve.precision not in hw.peak_tflops:
             continue
         times = FlopTimes(hw, curve.precision)
-        column = PASSES[curve.pass_]
+        column = PASSES.index(curve.pass_)        # forward, backward: block_seconds' order
         rows.append((curve.precision, curve.pass_, {
             b: b / sum(times.block_seconds(block, b)[column] for block in blocks) / measured
             for b, measured in sorted(curve.points.items())}))
